@@ -1,0 +1,3 @@
+from gisp.cli import main
+
+main()

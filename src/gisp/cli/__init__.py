@@ -1,0 +1,19 @@
+"""Command-line interface: ``gisp prune``, ``gisp eval``, ``gisp demo`` and friends.
+
+Each command lives in its own module and registers on :data:`gisp.cli.app.app`.
+User errors (:class:`gisp.GispError`) print one line and exit with status 2.
+"""
+
+import sys
+
+from gisp.cli import demo_cmd, eval_cmd, prune_cmd  # noqa: F401  (register commands)
+from gisp.cli.app import app
+from gisp.errors import GispError
+
+
+def main() -> None:
+    try:
+        app()
+    except GispError as e:
+        print(f"gisp: error: {e}", file=sys.stderr)
+        sys.exit(2)

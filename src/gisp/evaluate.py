@@ -1,0 +1,108 @@
+"""Evaluate a run at chosen sparsities, or a model directory, with full provenance.
+
+A run is evaluated on one freshly loaded base model: levels are visited from
+sparse-less to sparse-most and, because masks are nested, each level's mask is
+applied on top of the previous one (zeroing is idempotent), so no reload is
+needed between levels.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from gisp.errors import GispError
+from gisp.loading import fingerprint, load_model
+from gisp.perplexity import perplexity
+from gisp.provenance import atomic_write_json, versions
+from gisp.structures import Layout, Mask
+from gisp.trajectory import FILENAME, Trajectory
+
+
+def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_windows: int | None,
+                     tasks: list[str] | None, limit: int | None, batch_size: int, progress: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    if ppl:
+        row["ppl"] = perplexity(model, tokenizer, ppl, window=window, max_windows=max_windows,
+                                batch_size=batch_size, progress=progress)
+    if tasks:
+        try:
+            from gisp.tasks import evaluate_tasks
+        except ImportError as e:
+            raise GispError("task evaluation is not available in this installation of gisp") from e
+        row["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=limit, progress=progress)
+    return row
+
+
+def evaluate(
+    target: str | Path,
+    sparsities: list[float] | None = None,
+    *,
+    ppl: str | None = "wiki",
+    window: int = 128,
+    max_windows: int | None = 256,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    dtype: str = "fp32",
+    device: str = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run directory at ``sparsities`` or a model directory/name as it is."""
+    if window < 2:
+        raise GispError(f"--window must be at least 2 tokens, got {window}")
+    if not ppl and not tasks:
+        raise GispError("nothing to evaluate: give --ppl SOURCE and/or --tasks")
+    path = Path(target)
+    is_run = (path / FILENAME).is_file()
+    protocol = {"ppl_source": ppl, "window": window, "max_windows": max_windows, "tasks": tasks, "limit": limit,
+                "eval_dtype": dtype}
+    result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
+    if not is_run:
+        loaded = load_model(str(target), dtype=dtype, device=device)
+        layout = Layout.from_model(loaded.model)
+        t0 = time.perf_counter()
+        row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
+                               tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
+        row.update({"sparsity": None, "linear_params": Mask.dense(layout).kept_params(layout),
+                    "seconds": time.perf_counter() - t0})
+        result["model"] = {"name": str(target), "fingerprint": fingerprint(loaded.model)}
+        result["rows"].append(row)
+        return result
+
+    traj = Trajectory.load(path)
+    levels = sorted(set(sparsities if sparsities is not None else [0.0]))
+    for s in levels:
+        traj.step_at(s)  # validates the range
+    loaded = load_model(traj.model.get("path") or traj.model["name"], dtype=dtype, device=device)
+    traj.check_model(loaded.model)
+    result.update({"run": str(path), "model": traj.model, "calibration": traj.calibration,
+                   "prune_config": traj.config, "prune_versions": traj.versions,
+                   "sparsity_definition": "fraction of decoder-layer linear parameters removed"})
+    for s in levels:
+        rec = traj.step_at(s)
+        traj.mask_at_step(rec["step"]).apply(loaded.model)
+        t0 = time.perf_counter()
+        row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
+                               tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
+        row.update({"requested_sparsity": s, "step": rec["step"], "sparsity": rec["sparsity"],
+                    "linear_params": rec["kept_params"], "seconds": time.perf_counter() - t0})
+        result["rows"].append(row)
+    _remember(path, result)
+    return result
+
+
+def _remember(run: Path, result: dict[str, Any]) -> None:
+    """Keep the latest result per (protocol, step) in RUN/eval.json for listings and reports."""
+    import json
+
+    file = run / "eval.json"
+    saved = json.loads(file.read_text()) if file.exists() else {"entries": []}
+    key = json.dumps(result["protocol"], sort_keys=True)
+    steps = {r["step"] for r in result["rows"]}
+    saved["entries"] = [e for e in saved["entries"] if not (e["protocol_key"] == key and e["row"]["step"] in steps)]
+    for r in result["rows"]:
+        saved["entries"].append({"protocol_key": key, "protocol": result["protocol"], "row": r,
+                                 "versions": result["versions"]})
+    atomic_write_json(file, saved)

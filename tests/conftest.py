@@ -1,0 +1,76 @@
+"""Tiny in-process models (every supported architecture, MHA and GQA) and helpers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from gisp.calibration import CalibrationSet
+
+VOCAB = 97
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+# (architecture, num_kv_heads): MHA (4 kv heads) and GQA (2 kv heads for 4 query heads)
+VARIANTS = [(a, kv) for a in ARCHS for kv in (4, 2)]
+
+
+def tiny_model(arch: str = "llama", kv_heads: int = 2, layers: int = 4, seed: int = 0, vocab: int = VOCAB):
+    """A randomly initialised decoder (hidden 64, 4 heads of 16, 96 MLP channels)."""
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = model_cls(config).eval()
+    with torch.no_grad():  # default init is tiny; larger weights give informative gradients
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def random_calib(n: int = 10, seq_len: int = 24, seed: int = 0, vocab: int = VOCAB) -> CalibrationSet:
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationSet([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(n)], {"name": "random"})
+
+
+class CharTokenizer:
+    """A byte-level stand-in tokenizer for data tests (EOS = 0)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [1 + (b % (VOCAB - 1)) for b in text.encode()]}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (converted once into the gisp cache)."""
+    import gisp
+
+    return gisp.load_model("smollm2-135m", dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2) -> Path:
+    """A tiny Llama on disk with SmolLM2's tokenizer: exercises the CLI end to end in seconds."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_model("llama", kv_heads=2, layers=5, vocab=len(smollm2.tokenizer))
+    model.save_pretrained(out)
+    for f in Path(smollm2.path).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out

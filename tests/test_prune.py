@@ -1,0 +1,147 @@
+"""The iterative global loop: nesting, protection, sparsity accuracy, exact masking, resume."""
+
+import json
+
+import pytest
+import torch
+
+import gisp
+from gisp.schedule import targets
+from gisp.structures import Layout, Mask
+from gisp.trajectory import Trajectory
+from tests.conftest import VARIANTS, random_calib, tiny_model
+
+CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
+
+
+def run(arch="llama", kv=2, **kw):
+    model = tiny_model(arch, kv)
+    traj = gisp.prune(model, gisp.PruneConfig(**{**CFG, **kw}), random_calib(), progress=False)
+    return model, traj
+
+
+@pytest.mark.parametrize("arch,kv", VARIANTS)
+def test_masks_nested_protected_and_on_target(arch, kv):
+    model, traj = run(arch, kv)
+    layout = traj.layout
+    sched = targets("linear", 0.5, 5)
+    masks = [traj.mask_at_step(k) for k in range(6)]
+    for k in range(1, 6):
+        assert masks[k].is_subset_of(masks[k - 1])
+        # within one structure below the target: the largest structure is an MHA head
+        biggest = max(s.params(1, 1, 0) for s in layout.layers) / layout.dense_params
+        achieved = traj.steps[k]["sparsity"]
+        assert sched[k - 1] - biggest <= achieved <= sched[k - 1] + 1e-9
+        assert achieved == pytest.approx(masks[k].sparsity(layout))
+    for i in layout.protected:
+        assert masks[-1].heads[i].all() and masks[-1].channels[i].all()
+    assert {0, 3} == set(layout.protected)
+    # the model left by prune() is the last mask applied to the base model
+    fresh = tiny_model(arch, kv)
+    masks[-1].apply(fresh)
+    ids = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_structures_unit_reproduces_reference_schedule():
+    _, traj = run(schedule_unit="structures", target=0.4)
+    layout = traj.layout
+    total = layout.num_structures()
+    for k, t in enumerate(targets("linear", 0.4, 5), start=1):
+        removed = traj.steps[k]["heads_removed"] + traj.steps[k]["channels_removed"]
+        assert removed == round(t * total)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exp"])
+def test_other_schedules_reach_target(schedule):
+    _, traj = run(schedule=schedule)
+    assert traj.steps[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert [s["sparsity"] for s in traj.steps] == sorted(s["sparsity"] for s in traj.steps)
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 4)])
+def test_masked_structures_contribute_nothing(arch, kv):
+    """Whatever values the removed structures' weights held, the masked model is the same."""
+    _, traj = run(arch, kv)
+    mask = traj.mask_at_step(traj.last_step)
+    a, b = tiny_model(arch, kv), tiny_model(arch, kv)
+    layout = Layout.from_model(b)
+    with torch.no_grad():  # scramble every removed structure of b (and only those)
+        for i, layer in enumerate(b.model.layers):
+            at, mlp, d = layer.self_attn, layer.mlp, 16
+            for h in (~mask.heads[i]).nonzero().flatten().tolist():
+                at.q_proj.weight[h * d:(h + 1) * d].normal_()
+                at.o_proj.weight[:, h * d:(h + 1) * d].normal_()
+            for g in (~mask.kv_heads(layout, i)).nonzero().flatten().tolist():
+                at.k_proj.weight[g * d:(g + 1) * d].normal_()
+                at.v_proj.weight[g * d:(g + 1) * d].normal_()
+            gone = ~mask.channels[i]
+            mlp.gate_proj.weight[gone] = torch.randn_like(mlp.gate_proj.weight[gone])
+            mlp.down_proj.weight[:, gone] = torch.randn_like(mlp.down_proj.weight[:, gone])
+    mask.apply(a)
+    mask.apply(b)
+    ids = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_fully_removed_blocks_output_zero():
+    model = tiny_model("llama", 2)
+    layout = Layout.from_model(model)
+    mask = Mask.dense(layout)
+    mask.heads[1][:] = False
+    mask.channels[1][:] = False
+    mask.apply(model)
+    outs = {}
+    layer = model.model.layers[1]
+    layer.self_attn.register_forward_hook(lambda m, i, o: outs.__setitem__("attn", o[0]))
+    layer.mlp.register_forward_hook(lambda m, i, o: outs.__setitem__("mlp", o))
+    model(input_ids=torch.randint(0, 97, (1, 8)))
+    assert outs["attn"].abs().max() == 0 and outs["mlp"].abs().max() == 0
+    assert mask.kept_params(layout) == layout.dense_params - layout.layers[1].dense_params
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = gisp.PruneConfig(**CFG)
+    full = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "a", progress=False)
+    part = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "b", progress=False, stop_after=2)
+    assert not part.completed and part.last_step == 2
+    with pytest.raises(gisp.GispError, match="--resume"):
+        gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "b", progress=False)
+    resumed = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "b", progress=False,
+                         resume=True)
+    assert resumed.completed
+    a = json.loads((tmp_path / "a" / "trajectory.json").read_text())
+    b = json.loads((tmp_path / "b" / "trajectory.json").read_text())
+    for key in ("head_step", "channel_step", "head_order", "channel_order"):
+        assert a[key] == b[key]
+    for sa, sb in zip(a["steps"], b["steps"], strict=True):
+        assert sa["sparsity"] == sb["sparsity"] and sa["calib_loss"] == pytest.approx(sb["calib_loss"], rel=1e-6)
+    # a different configuration in the same directory is refused
+    with pytest.raises(gisp.GispError, match="different settings"):
+        gisp.prune(tiny_model(), gisp.PruneConfig(**{**CFG, "steps": 7}), random_calib(),
+                   run_dir=tmp_path / "b", progress=False, resume=True)
+
+
+def test_trajectory_roundtrip_and_mask_at(tmp_path):
+    model, traj = run()
+    traj.save(tmp_path)
+    loaded = Trajectory.load(tmp_path)
+    assert loaded.to_dict() == json.loads(json.dumps(traj.to_dict()))
+    for s in (0.0, 0.15, 0.3, 0.5):
+        rec = loaded.step_at(s)
+        assert rec["sparsity"] <= s + 1e-9
+        nxt = [r for r in loaded.steps if r["step"] == rec["step"] + 1]
+        assert not nxt or nxt[0]["sparsity"] > s
+    fresh = tiny_model()
+    rec = loaded.apply(fresh, 0.5)
+    assert rec["step"] == 5
+    ids = torch.randint(0, 97, (1, 12))
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_trajectory_refuses_a_different_model():
+    _, traj = run()
+    with pytest.raises(gisp.GispError, match="fingerprint"):
+        traj.apply(tiny_model(seed=1), 0.3)
+    with pytest.raises(gisp.GispError, match="layer shapes"):
+        traj.apply(tiny_model(layers=3), 0.3)
