@@ -71,3 +71,9 @@ def test_missing_run_dir(tmp_path):
     (tmp_path / "trajectory.json").write_text("{not json")
     with pytest.raises(gisp.GispError, match="not a valid trajectory"):
         gisp.Trajectory.load(tmp_path)
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(gisp.GispError, match="hub is unreachable"):
+        gisp.load_model("some-org/some-model-that-is-not-cached")

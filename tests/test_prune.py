@@ -145,3 +145,30 @@ def test_trajectory_refuses_a_different_model():
         traj.apply(tiny_model(seed=1), 0.3)
     with pytest.raises(gisp.GispError, match="layer shapes"):
         traj.apply(tiny_model(layers=3), 0.3)
+
+
+def test_crash_mid_step_then_resume(tmp_path, monkeypatch):
+    """A run that dies inside a step keeps its last completed step on disk and resumes to the same end."""
+    import importlib
+
+    prune_mod = importlib.import_module("gisp.prune")  # the module, not the function gisp.prune
+
+    config = gisp.PruneConfig(**CFG)
+    full = gisp.prune(tiny_model(), config, random_calib(), progress=False)
+    real, calls = prune_mod.accumulate_gradients, {"n": 0}
+
+    def dies_on_third_pass(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_mod, "accumulate_gradients", dies_on_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False)
+    on_disk = Trajectory.load(tmp_path)
+    assert on_disk.last_step == 2 and not on_disk.completed
+    monkeypatch.setattr(prune_mod, "accumulate_gradients", real)
+    resumed = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, resume=True)
+    assert resumed.head_step == full.head_step and resumed.channel_step == full.channel_step
+    assert [s["sparsity"] for s in resumed.steps] == [s["sparsity"] for s in full.steps]

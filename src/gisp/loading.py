@@ -114,6 +114,30 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick DNS + TCP probe of the hub, so offline users get an error in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -130,6 +154,12 @@ def load_model(
 
     _silence_hf()
     path, gguf_file = resolve_model_path(name)
+    is_hub_id = not Path(path).exists()
+    if is_hub_id and not _is_cached(path) and not _hub_reachable():
+        raise GispError(
+            f"'{name}' is not a local path and the Hugging Face hub is unreachable (offline?): "
+            f"use a local model directory, a .gguf file or '{DEFAULT_MODEL}'"
+        )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -11,11 +11,17 @@ from gisp.provenance import atomic_write_text
 def plot_perplexity(result: dict[str, Any], path: str | Path) -> Path:
     """Perplexity against measured sparsity, one point per evaluated level (PNG)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "ppl" in r]
+    seen: set[int] = set()
+    rows = []  # one point per distinct step (two requested levels can map to the same step)
+    for r in result["rows"]:
+        if "ppl" in r and r.get("step") not in seen:
+            seen.add(r.get("step"))
+            rows.append(r)
     xs = [100 * r["sparsity"] for r in rows]
     ys = [r["ppl"]["ppl"] for r in rows]
     p = result["protocol"]
@@ -26,6 +32,9 @@ def plot_perplexity(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("parameter sparsity of decoder layers (%)")
     ax.set_ylabel(f"{p['ppl_source']} perplexity ({p['window']}-token windows)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(f"{result['model']['name']}: one GISP run, every level", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
