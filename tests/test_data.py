@@ -1,9 +1,9 @@
 """Text sources: packaged corpora, calibration/eval disjointness, seeded windows."""
 
 import torch
+from tests.conftest import CharTokenizer
 
 from gisp.data import consecutive_windows, random_windows, read_documents, token_stream
-from tests.conftest import CharTokenizer
 
 
 def test_packaged_corpora_split_disjoint():

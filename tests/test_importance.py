@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tests.conftest import VARIANTS, random_calib, tiny_model
 
 from gisp.importance import MagnitudeImportance, TaylorImportance, normalize, prunable_parameters
 from gisp.objectives import LanguageModelling
 from gisp.prune import accumulate_gradients
 from gisp.structures import Layout
-from tests.conftest import VARIANTS, random_calib, tiny_model
 
 
 def brute_force_scores(model, calib):

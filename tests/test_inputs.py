@@ -1,11 +1,11 @@
 """Bad input gets one clear line, never a deep traceback."""
 
 import pytest
+from tests.conftest import CharTokenizer, tiny_model
 
 import gisp
 from gisp.data import random_windows, token_stream
 from gisp.structures import protected_layers
-from tests.conftest import CharTokenizer, tiny_model
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5])

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from tests.conftest import VARIANTS, random_calib, tiny_model
 
 import gisp
 from gisp.schedule import targets
 from gisp.structures import Layout, Mask
 from gisp.trajectory import Trajectory
-from tests.conftest import VARIANTS, random_calib, tiny_model
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
 
@@ -102,7 +102,7 @@ def test_fully_removed_blocks_output_zero():
 
 def test_resume_equals_uninterrupted(tmp_path):
     config = gisp.PruneConfig(**CFG)
-    full = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "a", progress=False)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "a", progress=False)
     part = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path / "b", progress=False, stop_after=2)
     assert not part.completed and part.last_step == 2
     with pytest.raises(gisp.GispError, match="--resume"):

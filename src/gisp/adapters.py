@@ -1,6 +1,6 @@
 """Architecture adapters: where each model family keeps its prunable projections.
 
-One adapter per architecture behind :class:`ArchAdapter` (the SliceGPT pattern).
+One adapter per architecture derived from :class:`ArchAdapter` (the SliceGPT pattern).
 The pruning code asks an adapter for the decoder layers and the q/k/v/o and
 gate/up/down projections; it never touches module names itself, so a new
 architecture is one small subclass plus a :func:`register_adapter` line.
@@ -8,7 +8,6 @@ architecture is one small subclass plus a :func:`register_adapter` line.
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass
 
 from torch import nn
@@ -31,7 +30,7 @@ class MLPProjections:
     down: nn.Linear
 
 
-class ArchAdapter(ABC):
+class ArchAdapter:
     """Knows one decoder-only architecture's module layout and shapes.
 
     The default implementation fits the Llama module layout

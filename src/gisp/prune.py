@@ -6,12 +6,21 @@ every head and channel (first-order Taylor), normalise per block type, rank
 globally and remove the lowest until the step's target. Removed structures stay
 removed, so the masks are nested and one run yields every sparsity level. The
 run directory is checkpointed atomically after each step and resumes exactly.
+
+Scale (``docs/scaling.md``): gradients exist only for prunable weights;
+``grad_checkpointing`` trades one extra forward for the stored activations;
+``grad_accum_dtype`` says in which precision the calibration-set gradient is
+summed; under ``torchrun``/``accelerate launch`` every rank takes a shard of the
+calibration set and the shard gradients are summed by one all-reduce
+(:mod:`gisp.distributed`), so every rank picks what one process would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gisp import distributed
 from gisp.adapters import get_adapter
 from gisp.calibration import CalibrationSet
 from gisp.errors import GispError
@@ -32,6 +42,7 @@ from gisp.structures import Layout
 from gisp.trajectory import FILENAME, Trajectory
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_ACCUM = ("fp32", "native")
 
 
 @dataclass
@@ -66,6 +77,14 @@ class PruneConfig:
     """Mixed precision for the forward/backward (none, bf16, fp16); weights keep their dtype."""
     seed: int = 0
     """Seed of the calibration sampling."""
+    grad_checkpointing: bool = False
+    """Recompute each decoder layer's activations during backward instead of keeping them: far less
+    activation memory for about one extra forward pass; gradients and results are unchanged."""
+    grad_accum_dtype: str = "fp32"
+    """Precision the calibration-set gradient is summed in, for weights stored in bf16/fp16. fp32: each
+    micro-batch's gradient (computed in the weight dtype) is added into an fp32 gradient (4 bytes per
+    prunable weight); native: summed in the weight dtype (2 bytes, least memory, but a bf16 sum of
+    many micro-batches loses precision). Identical for fp32 weights."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -77,6 +96,7 @@ class PruneConfig:
             ("schedule-unit", self.schedule_unit, UNITS),
             ("normalize", self.normalize, NORMALIZATIONS),
             ("autocast", self.autocast, tuple(AUTOCAST)),
+            ("grad-accum-dtype", self.grad_accum_dtype, GRAD_ACCUM),
         ):
             if value not in allowed:
                 raise GispError(f"unknown --{name} '{value}': use one of {', '.join(allowed)}")
@@ -96,7 +116,9 @@ class PruneConfig:
 
 
 # Settings that change memory or speed but not the trajectory may differ on resume.
-_RESUME_FREE = {"batch_size"}
+_RESUME_FREE = {"batch_size", "grad_checkpointing"}
+# What a run saved before a setting existed did: compare old runs as if they had saved it.
+_LEGACY = {"grad_checkpointing": False, "grad_accum_dtype": "native"}
 
 
 def _autocast(model: nn.Module, mode: str):
@@ -106,50 +128,224 @@ def _autocast(model: nn.Module, mode: str):
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the embedding's device (with a device map, accelerate moves activations on)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+def _local_samples(calib: CalibrationSet) -> list[Any]:
+    """This rank's shard of the calibration samples (all of them in a single process)."""
+    if not distributed.active():
+        return calib.samples
+    idx = distributed.shard_indices(len(calib), distributed.rank(), distributed.world_size())
+    return [calib.samples[i] for i in idx]
+
+
+# torch >= 2.10 lets a bf16 parameter keep an fp32 .grad that autograd accumulates into directly.
+_HAS_GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
+
+
+@contextlib.contextmanager
+def _fp32_accumulation(params: list[nn.Parameter], mode: str) -> Iterator[None]:
+    """Sum low-precision gradients in fp32 while the block runs (``grad_accum_dtype='fp32'``).
+
+    With ``Tensor.grad_dtype`` the ``.grad`` itself becomes fp32 and stays so for
+    scoring (restore with :func:`restore_grad_dtype`). On older torch a
+    post-accumulate hook moves each micro-batch's gradient into an fp32 buffer;
+    the sum is rounded once to the weight dtype at the end.
+    """
+    low = [p for p in params if p.dtype != torch.float32] if mode == "fp32" else []
+    if mode == "native" and _HAS_GRAD_DTYPE:  # undo an fp32 gradient dtype left by an earlier fp32 pass
+        for p in params:
+            if p.grad is None and p.grad_dtype != p.dtype:
+                p.grad_dtype = p.dtype
+    if not low:
+        yield
+        return
+    if _HAS_GRAD_DTYPE:
+        for p in low:
+            if p.grad_dtype != torch.float32:
+                g, p.grad = p.grad, None
+                p.grad_dtype = torch.float32
+                p.grad = None if g is None else g.float()
+        yield
+        return
+    bufs: dict[int, torch.Tensor] = {}
+
+    def hook(p: torch.Tensor) -> None:
+        if id(p) in bufs:
+            bufs[id(p)].add_(p.grad)
+        else:
+            bufs[id(p)] = p.grad.float()
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in low]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    for p in low:
+        buf = bufs.pop(id(p), None)
+        if buf is not None:
+            p.grad = buf.to(p.dtype) if p.grad is None else (buf + p.grad).to(p.dtype)
+
+
+def restore_grad_dtype(model: nn.Module) -> None:
+    """Give every parameter without a gradient its own dtype as gradient dtype again."""
+    if _HAS_GRAD_DTYPE:
+        for p in model.parameters():
+            if p.grad is None and p.grad_dtype != p.dtype:
+                p.grad_dtype = p.dtype
+
+
 def accumulate_gradients(
     model: nn.Module, objective: Objective, calib: CalibrationSet, batch_size: int, autocast: str = "none",
-    progress: tqdm | None = None,
+    progress: tqdm | None = None, *, grad_accum_dtype: str = "fp32",
 ) -> float:
-    """Leave the gradient of the mean per-sample loss in ``.grad``; return that mean loss."""
-    device = next(model.parameters()).device
+    """Leave the gradient of the mean per-sample loss in ``.grad``; return that mean loss.
+
+    Distributed (:func:`gisp.distributed.active`): this rank runs its shard of
+    the samples, each loss divided by the TOTAL sample count, and the gradients
+    and the loss sum are all-reduced, so every rank ends with the gradient of the
+    whole set's mean loss. With ``grad_accum_dtype='fp32'`` low-precision
+    weights get fp32 gradients (see :class:`PruneConfig`); on torch with
+    ``Tensor.grad_dtype`` those weights keep ``grad_dtype=float32`` until
+    :func:`restore_grad_dtype` is called after their gradients are cleared
+    (:func:`prune` does).
+    """
+    device = input_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     n = len(calib)
+    local = _local_samples(calib)
     total = 0.0
-    for start in range(0, n, batch_size):
-        batch = objective.collate(calib.samples[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(model, autocast):
-            losses = objective.sample_losses(model, batch)
-        (losses.sum() / n).backward()
-        total += float(losses.detach().float().sum())
-        if progress is not None:
-            progress.update(len(losses))
+    with _fp32_accumulation(params, grad_accum_dtype):
+        for start in range(0, len(local), batch_size):
+            batch = objective.collate(local[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(model, autocast):
+                losses = objective.sample_losses(model, batch)
+            (losses.sum() / n).backward()
+            total += float(losses.detach().float().sum())
+            if progress is not None:
+                progress.update(len(losses))
+    if distributed.active():
+        for p in params:  # a rank with no samples (or an unused weight) contributes zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None) or p.dtype)
+        distributed.all_reduce_sum_([p.grad for p in params])
+        total = distributed.all_reduce_float(total)
     return total / n
 
 
 @torch.no_grad()
 def evaluate_objective(model: nn.Module, objective: Objective, calib: CalibrationSet, batch_size: int,
                        autocast: str = "none") -> float:
-    device = next(model.parameters()).device
+    """Mean per-sample loss over the calibration set (sharded and summed over ranks when distributed)."""
+    device = input_device(model)
+    local = _local_samples(calib)
     total = 0.0
-    for start in range(0, len(calib), batch_size):
-        batch = {k: v.to(device) for k, v in objective.collate(calib.samples[start : start + batch_size]).items()}
+    for start in range(0, len(local), batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate(local[start : start + batch_size]).items()}
         with _autocast(model, autocast):
             total += float(objective.sample_losses(model, batch).float().sum())
-    return total / len(calib)
+    return distributed.all_reduce_float(total) / len(calib)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Recompute decoder-layer activations in backward while the block runs (transformers' own).
+
+    Non-reentrant, so it works with frozen inputs and embeddings. Transformers
+    checkpoints only modules in training mode, so only the checkpointed layer
+    modules themselves are flagged as training: their submodules (attention
+    dropout) stay in eval mode and the computation is unchanged. Everything is
+    restored afterwards.
+    """
+    if not on:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise GispError(f"{type(model).__name__} does not support gradient checkpointing: drop --grad-checkpointing")
+    was_on = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if not was_on:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    modes = [m.training for m in flagged]
+    for m in flagged:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(flagged, modes):
+            m.training = mode
+        if not was_on:
+            if hasattr(model, "activation_checkpointing_disable"):
+                model.activation_checkpointing_disable()
+            else:
+                model.gradient_checkpointing_disable()
+
+
+def _check_placement(params: list[nn.Parameter]) -> None:
+    """Refuse weights offloaded by accelerate: their gradients would vanish with the offload."""
+    if any(p.device.type == "meta" for p in params):
+        raise GispError(
+            "some prunable weights are offloaded (device 'meta': device_map put them on cpu/disk beside a GPU); "
+            "GISP needs their gradients resident: give the model more devices, bf16 weights, "
+            "--grad-checkpointing or --grad-accum-dtype native"
+        )
 
 
 def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout: Layout) -> Trajectory | None:
     if not (run_dir / FILENAME).exists():
         return None
     traj = Trajectory.load(run_dir)
-    old = {k: v for k, v in traj.config.items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
+    free = _RESUME_FREE | ({"grad_accum_dtype"} if model_info.get("weight_dtype") == "float32" else set())
+    old = {k: v for k, v in {**_LEGACY, **traj.config}.items() if k not in free}
+    new = {k: v for k, v in config.to_dict().items() if k not in free}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise GispError(f"{run_dir} holds a run with different settings ({', '.join(diff)}): use another --out")
     if traj.model.get("fingerprint") != model_info["fingerprint"] or traj.layout.layers != layout.layers:
         raise GispError(f"{run_dir} holds a run of a different model ('{traj.model.get('name')}'): use another --out")
     return traj
+
+
+def _existing_run(run_path: Path | None, resume: bool, config: PruneConfig, info: dict, layout: Layout
+                  ) -> Trajectory | None:
+    if run_path is None or not (run_path / FILENAME).exists():
+        return None
+    if not resume:
+        raise GispError(f"{run_path} already holds a pruning run: pass --resume to continue it or use another --out")
+    return _prepare_resume(run_path, config, info, layout)
+
+
+def _existing_run_all_ranks(run_path: Path | None, resume: bool, config: PruneConfig, info: dict,
+                            layout: Layout) -> Trajectory | None:
+    """Rank 0 reads the run directory; every rank gets its trajectory, or raises its error.
+
+    Only rank 0 touches files, and every rank must fail alike: a rank that
+    raised alone would leave the others waiting in the first all-reduce.
+    """
+    if not distributed.active():
+        return _existing_run(run_path, resume, config, info, layout)
+    prints = distributed.all_gather_object(info["fingerprint"])
+    if len(set(prints)) > 1:
+        raise GispError(f"the ranks loaded different models (fingerprints {', '.join(prints)}): load the same one")
+    state: tuple[str, Any] | None = None
+    if distributed.is_main():
+        try:
+            state = ("ok", _existing_run(run_path, resume, config, info, layout))
+        except GispError as e:
+            state = ("error", str(e))
+    state = distributed.broadcast_object(state)
+    if state[0] == "error":
+        raise GispError(state[1])
+    return state[1]
 
 
 def prune(
@@ -168,6 +364,17 @@ def prune(
     With ``run_dir`` the trajectory is saved after every step; ``resume=True``
     continues a run from its last completed step. ``stop_after`` ends the call
     after that many steps of this call (used to test resumption).
+
+    Inside an initialised process group (``torchrun``; see
+    :mod:`gisp.distributed`) every rank must call this with the same model,
+    config and calibration set: each computes gradients on its shard, all apply
+    the same picks, and only rank 0 writes ``run_dir``.
+
+    Each step's record carries ``seconds`` (the step without the file write),
+    ``gradient_seconds`` (forward+backward over the calibration set, all-reduce
+    included) and ``timing``: the rest split into scoring, selection, masking,
+    bookkeeping, plus ``save`` (the trajectory write, known only after it: the
+    file shows it from the next write on) and ``processes``.
     """
     from gisp.loading import fingerprint
 
@@ -176,6 +383,8 @@ def prune(
     adapter = get_adapter(model)
     layout = Layout.from_model(model, config.protect_first, config.protect_last)
     objective = get_objective(config.objective)
+    params = prunable_parameters(model, layout, adapter)
+    _check_placement(params)
     info = dict(model_info or {})
     info.setdefault("name", getattr(model.config, "_name_or_path", "model"))
     info["model_type"] = model.config.model_type
@@ -183,14 +392,10 @@ def prune(
     info["dense_params"] = layout.dense_params
     info["weight_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
 
+    main = distributed.is_main()
+    world = distributed.world_size()
     run_path = Path(run_dir) if run_dir is not None else None
-    traj = None
-    if run_path is not None and (run_path / FILENAME).exists():
-        if not resume:
-            raise GispError(
-                f"{run_path} already holds a pruning run: pass --resume to continue it or use another --out"
-            )
-        traj = _prepare_resume(run_path, config, info, layout)
+    traj = _existing_run_all_ranks(run_path, resume, config, info, layout)
     if traj is None:
         traj = Trajectory.start(layout, config.to_dict(), info, calib.provenance, versions())
         traj.steps.append({"step": 0, "target": 0.0, "sparsity": 0.0, "kept_params": layout.dense_params,
@@ -204,7 +409,6 @@ def prune(
     mask = traj.mask_at_step(traj.last_step)
     schedule = targets(config.schedule, config.target, config.steps)
     importance = TaylorImportance()
-    params = prunable_parameters(model, layout, adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -212,52 +416,71 @@ def prune(
 
     order = 1 + max((max(o) for o in traj.head_order + traj.channel_order if o), default=-1)
     done_here = 0
-    bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not progress, unit="step")
+    bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not (progress and main),
+               unit="step")
     try:
-        for step in range(traj.last_step + 1, config.steps + 1):
-            t0 = time.perf_counter()
-            model.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(model, objective, calib, config.batch_size, config.autocast)
-            traj.steps[-1]["calib_loss"] = loss  # loss of the previous step's mask
-            t_grad = time.perf_counter() - t0
-            scores = normalize(importance.scores(model, layout, adapter), layout, config.normalize)
-            picks = select(scores, mask, layout, schedule[step - 1], config.schedule_unit)
-            model.zero_grad(set_to_none=True)
-            mask = apply_picks(mask, picks)
-            mask.apply(model, adapter)
-            for p in picks:
-                if p.kind == "head":
-                    traj.head_step[p.layer][p.index] = step
-                    traj.head_order[p.layer][p.index] = order
-                else:
-                    traj.channel_step[p.layer][p.index] = step
-                    traj.channel_order[p.layer][p.index] = order
-                order += 1
-            traj.steps.append({
-                "step": step,
-                "target": schedule[step - 1],
-                "sparsity": mask.sparsity(layout),
-                "kept_params": mask.kept_params(layout),
-                "calib_loss": None,
-                "heads_removed": sum(int((~h).sum()) for h in mask.heads),
-                "channels_removed": sum(int((~c).sum()) for c in mask.channels),
-                "seconds": time.perf_counter() - t0,
-                "gradient_seconds": t_grad,
-            })
-            if step == config.steps:  # the final mask's loss needs one more forward pass
-                traj.steps[-1]["calib_loss"] = evaluate_objective(model, objective, calib, config.batch_size,
-                                                                  config.autocast)
-                traj.completed = True
-            if run_path is not None:
-                traj.save(run_path)
-            bar.update(1)
-            bar.set_postfix(sparsity=f"{traj.steps[-1]['sparsity']:.3f}", loss=f"{loss:.3f}")
-            done_here += 1
-            if stop_after is not None and done_here >= stop_after and not traj.completed:
-                break
+        with activation_checkpointing(model, config.grad_checkpointing):
+            for step in range(traj.last_step + 1, config.steps + 1):
+                t0 = time.perf_counter()
+                model.zero_grad(set_to_none=True)
+                loss = accumulate_gradients(model, objective, calib, config.batch_size, config.autocast,
+                                            grad_accum_dtype=config.grad_accum_dtype)
+                traj.steps[-1]["calib_loss"] = loss  # loss of the previous step's mask
+                t1 = time.perf_counter()
+                scores = normalize(importance.scores(model, layout, adapter), layout, config.normalize)
+                model.zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
+                t2 = time.perf_counter()
+                picks = select(scores, mask, layout, schedule[step - 1], config.schedule_unit)
+                del scores
+                if distributed.active():
+                    picks, same = distributed.broadcast_picks(picks)
+                    if not same:
+                        warnings.warn(f"rank {distributed.rank()} selected other structures than rank 0 at step "
+                                      f"{step}; using rank 0's (gradients were not bit-identical)", stacklevel=2)
+                t3 = time.perf_counter()
+                new_mask = apply_picks(mask, picks)
+                new_mask.apply(model, adapter, since=mask)
+                mask = new_mask
+                t4 = time.perf_counter()
+                for p in picks:
+                    if p.kind == "head":
+                        traj.head_step[p.layer][p.index] = step
+                        traj.head_order[p.layer][p.index] = order
+                    else:
+                        traj.channel_step[p.layer][p.index] = step
+                        traj.channel_order[p.layer][p.index] = order
+                    order += 1
+                rec = {
+                    "step": step,
+                    "target": schedule[step - 1],
+                    "sparsity": mask.sparsity(layout),
+                    "kept_params": mask.kept_params(layout),
+                    "calib_loss": None,
+                    "heads_removed": sum(int((~h).sum()) for h in mask.heads),
+                    "channels_removed": sum(int((~c).sum()) for c in mask.channels),
+                }
+                t5 = time.perf_counter()
+                rec.update({"seconds": t5 - t0, "gradient_seconds": t1 - t0, "timing": {
+                    "processes": world, "scoring": t2 - t1, "selection": t3 - t2, "masking": t4 - t3,
+                    "bookkeeping": t5 - t4, "save": 0.0}})
+                traj.steps.append(rec)
+                if step == config.steps:  # the final mask's loss needs one more forward pass
+                    rec["calib_loss"] = evaluate_objective(model, objective, calib, config.batch_size,
+                                                           config.autocast)
+                    traj.completed = True
+                if run_path is not None and main:
+                    t6 = time.perf_counter()
+                    traj.save(run_path)
+                    rec["timing"]["save"] = time.perf_counter() - t6
+                bar.update(1)
+                bar.set_postfix(sparsity=f"{rec['sparsity']:.3f}", loss=f"{loss:.3f}")
+                done_here += 1
+                if stop_after is not None and done_here >= stop_after and not traj.completed:
+                    break
     finally:
         bar.close()
         for p in model.parameters():
             p.requires_grad_(False)
         model.zero_grad(set_to_none=True)
+        restore_grad_dtype(model)
     return traj

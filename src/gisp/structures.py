@@ -174,38 +174,55 @@ class Mask:
         )
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, adapter: ArchAdapter | None = None) -> None:
+    def apply(self, model: nn.Module, adapter: ArchAdapter | None = None, *, since: Mask | None = None) -> None:
         """Zero the weights of removed structures in place.
 
         A removed head loses its q rows and o columns (k/v rows too once its
         whole KV group is gone); a removed channel loses its gate/up rows and its
         down column. Zero o/down columns alone already make the structure's
         output vanish exactly; zeroing the rest makes its Taylor score zero too.
+
+        ``since``: a mask already applied to this model; only the structures
+        removed since then are zeroed (the pruning loop's per-step update, which
+        touches a few rows instead of rewriting every weight). The result is the
+        same as a full apply.
         """
         adapter = adapter or get_adapter(model)
         layout = Layout.from_model(model)
         for i, layer in enumerate(adapter.layers(model)):
             s = layout.layers[i]
             att, mlp = adapter.attention(layer), adapter.mlp(layer)
-            gone = (~self.heads[i]).nonzero().flatten().tolist()
-            for h in gone:
-                rows = slice(h * s.head_dim, (h + 1) * s.head_dim)
-                att.q.weight[rows] = 0
-                if att.q.bias is not None:
-                    att.q.bias[rows] = 0
-                att.o.weight[:, rows] = 0
-            kv_gone = (~self.kv_heads(layout, i)).nonzero().flatten().tolist()
-            for g in kv_gone:
-                rows = slice(g * s.head_dim, (g + 1) * s.head_dim)
+            heads_gone, kv_gone, ch_gone = ~self.heads[i], ~self.kv_heads(layout, i), ~self.channels[i]
+            if since is not None:
+                heads_gone &= since.heads[i]
+                kv_gone &= since.kv_heads(layout, i)
+                ch_gone &= since.channels[i]
+            rows = _rows(heads_gone, s.head_dim)
+            if len(rows):
+                _zero(att.q.weight, 0, rows)
+                _zero(att.q.bias, 0, rows)
+                _zero(att.o.weight, 1, rows)
+            rows = _rows(kv_gone, s.head_dim)
+            if len(rows):
                 for p in (att.k, att.v):
-                    p.weight[rows] = 0
-                    if p.bias is not None:
-                        p.bias[rows] = 0
-            ch = ~self.channels[i].to(mlp.gate.weight.device)
-            if ch.any():
-                mlp.gate.weight[ch] = 0
-                mlp.up.weight[ch] = 0
-                mlp.down.weight[:, ch] = 0
-                if mlp.gate.bias is not None:
-                    mlp.gate.bias[ch] = 0
-                    mlp.up.bias[ch] = 0
+                    _zero(p.weight, 0, rows)
+                    _zero(p.bias, 0, rows)
+            ch = ch_gone.cpu().nonzero().flatten()
+            if len(ch):
+                _zero(mlp.gate.weight, 0, ch)
+                _zero(mlp.up.weight, 0, ch)
+                _zero(mlp.down.weight, 1, ch)
+                _zero(mlp.gate.bias, 0, ch)
+                _zero(mlp.up.bias, 0, ch)
+
+
+def _rows(gone: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of the removed blocks of ``width`` rows each."""
+    blocks = gone.cpu().nonzero().flatten()
+    return (blocks[:, None] * width + torch.arange(width)).flatten()
+
+
+def _zero(t: torch.Tensor | None, dim: int, index: torch.Tensor) -> None:
+    """Zero slices along ``dim`` (index_fill_: plain tensor indexing is slow on CPU)."""
+    if t is not None:
+        t.index_fill_(dim, index.to(t.device), 0)

@@ -6,6 +6,9 @@ User errors (:class:`gisp.GispError`) print one line and exit with status 2.
 
 import sys
 
+import gisp.cli.compare_cmd  # noqa: F401  (registers gisp compare)
+import gisp.cli.export_cmd  # noqa: F401  (registers gisp export)
+import gisp.cli.report_cmd  # noqa: F401  (registers gisp report)
 from gisp.cli import demo_cmd, eval_cmd, prune_cmd  # noqa: F401  (register commands)
 from gisp.cli.app import app
 from gisp.errors import GispError

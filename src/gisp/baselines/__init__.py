@@ -1,0 +1,66 @@
+"""The field's structured-pruning methods in gisp's framework, behind one interface.
+
+Every method takes the same model, calibration set and sparsity targets and
+returns :class:`Level` records with the same masks/trajectories as GISP, so
+``gisp compare`` evaluates them with one protocol. Each module's docstring
+names the paper and public code it follows and where it deviates.
+
+=================  ======  =====================================================
+name               nested  what it is
+=================  ======  =====================================================
+``gisp``           yes     iterative global first-order Taylor (this project)
+``oneshot``        yes     GISP with one step
+``wanda-sp``       no      |W| x ||X|| on o/down columns, same ratio per layer
+``flap``           yes*    fluctuation metric, global adaptive widths, bias
+                           compensation (*compensation differs per level)
+``llm-pruner``     no      element-wise Taylor, same ratio per layer, layer range
+``owl``            no      outlier-weighted per-layer ratios on Wanda-sp
+``shortgpt``       yes     whole layers by lowest block influence
+``magnitude``      yes     sum |w|, GISP's normalisation, global (floor)
+``random``         yes     seeded random order (floor)
+``torch-pruning``  no      external library (physical slicing), optional
+=================  ======  =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gisp.baselines.base import Level, Method, WeightSnapshot
+from gisp.baselines.compensation import Compensation, apply_compensation
+from gisp.baselines.flap import FLAP
+from gisp.baselines.gisp_iterative import GISP
+from gisp.baselines.llm_pruner import LLMPruner
+from gisp.baselines.magnitude import Magnitude
+from gisp.baselines.oneshot import OneShot
+from gisp.baselines.owl import OWL
+from gisp.baselines.random_mask import RandomFloor
+from gisp.baselines.selection import uniform_mask
+from gisp.baselines.shortgpt import ShortGPT
+from gisp.baselines.tp_external import TorchPruning
+from gisp.baselines.wanda_sp import WandaSP
+from gisp.errors import GispError
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (GISP, OneShot, WandaSP, FLAP, LLMPruner, OWL, ShortGPT, Magnitude, RandomFloor, TorchPruning)
+}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a method available to ``gisp compare`` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """An instance of the named method; a one-line error naming the choices otherwise."""
+    if name not in METHODS:
+        raise GispError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
+    return METHODS[name](**options)
+
+
+__all__ = [
+    "METHODS", "Compensation", "Level", "Method", "WeightSnapshot", "apply_compensation", "get_method",
+    "register_method", "uniform_mask",
+]

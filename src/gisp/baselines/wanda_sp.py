@@ -1,0 +1,121 @@
+"""Wanda-sp: Wanda's |W| x ||X|| score on structures, the same ratio in every layer.
+
+Follows FLAP's ``prune_wanda_sp`` (github CASIA-IVA-Lab/FLAP, lib/prune.py),
+the structured Wanda baseline of the FLAP and GISP papers: for o_proj and
+down_proj, ``|W_ij| * ||X_j||_2`` (input column norm over calibration tokens),
+averaged over output rows; a head scores the sum over its columns of o_proj, a
+channel its column of down_proj; every layer loses the same fraction of heads
+and channels; layers are processed in order and each layer's statistics are
+taken on the output of the already-pruned layers before it (sequential).
+
+Deviations: the ratio is a parameter ratio per layer (heads at
+``round(ratio * heads)``, channels filling the layer's parameter budget, then a
+one-channel-per-layer top-up to meet the global parameter target exactly; see
+:mod:`gisp.baselines.selection`), instead of FLAP's ``int(ratio * n)`` per
+module; all layers are pruned by default, as in FLAP's code. With GQA a query
+head goes with its o_proj columns, and its KV head when its group is empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from gisp.adapters import get_adapter
+from gisp.baselines.activations import LayerwiseRunner, collect_input_stats, input_hooks, projection_inputs
+from gisp.baselines.base import (
+    Level,
+    Method,
+    OnLevel,
+    Timer,
+    WeightSnapshot,
+    check_sparsities,
+    masked_levels,
+    model_info_of,
+)
+from gisp.baselines.selection import layer_budgets, select_in_layer, top_up
+from gisp.calibration import CalibrationSet
+from gisp.structures import Layout, Mask
+
+RatioFn = Callable[[float], dict[int, float] | None]
+
+
+def wanda_layer_scores(model: nn.Module, i: int, o_meansq: torch.Tensor, down_meansq: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head and channel scores of layer ``i``: mean over rows of ``|W| * sqrt(mean x^2)`` per input column."""
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[i]
+    o = adapter.attention(layer).o.weight.detach().double().cpu()
+    down = adapter.mlp(layer).down.weight.detach().double().cpu()
+    col_o = (o.abs() * o_meansq.sqrt()).mean(0)
+    col_down = (down.abs() * down_meansq.sqrt()).mean(0)
+    return col_o.view(-1, adapter.head_dim).sum(1), col_down
+
+
+def sequential_uniform_masks(model: nn.Module, layout: Layout, calib: CalibrationSet, sparsities: list[float],
+                             batch_size: int, sequential: bool = True, ratios: RatioFn | None = None,
+                             ) -> tuple[list[tuple[float, Mask]], dict[float, Any]]:
+    """Wanda-sp masks at every sparsity; ``ratios(s)`` gives per-layer ratios (OWL) or None (uniform).
+
+    The model's weights are restored between levels and left masked at the last one.
+    """
+    snapshot = WeightSnapshot(model)
+    adapter = get_adapter(model)
+    runner = LayerwiseRunner(model, calib, batch_size) if sequential else None
+    start = list(runner.hidden) if runner else []
+    dense_stats = None if sequential else collect_input_stats(model, calib, batch_size)
+    out, details = [], {}
+    for s in sparsities:
+        snapshot.restore()
+        per_layer = ratios(s) if ratios else None
+        budgets = layer_budgets(layout, s, per_layer)
+        mask = Mask.dense(layout)
+        channel_scores = [torch.zeros(c.numel(), dtype=torch.float64) for c in mask.channels]
+        if runner:
+            runner.hidden = list(start)
+        for i in range(layout.num_layers):
+            if i not in budgets:  # protected: only pass the hidden states on
+                if runner:
+                    runner.advance(i)
+                continue
+            if runner:
+                with input_hooks(projection_inputs(model, [i])) as st:
+                    runner.run(i)
+            else:
+                st = dense_stats
+            hs, cs = wanda_layer_scores(model, i, st[f"{i}.o"].mean_sq, st[f"{i}.down"].mean_sq)
+            channel_scores[i] = cs
+            select_in_layer(hs, cs, mask, layout, i, budgets[i])
+            mask.apply(model, adapter)
+            if runner:
+                runner.advance(i)
+        top_up(channel_scores, mask, layout, s, budgets)
+        mask.apply(model, adapter)
+        out.append((s, mask))
+        details[s] = {"layer_ratios": {i: r for i, r in (per_layer or {}).items()}} if per_layer else {}
+    return out, details
+
+
+class WandaSP(Method):
+    name = "wanda-sp"
+    nested = False
+    reference = "FLAP (AAAI 2024) lib/prune.py prune_wanda_sp, github CASIA-IVA-Lab/FLAP; Wanda, locuslab/wanda"
+    defaults = {"protect_first": 0.0, "protect_last": 0, "sequential": True, "batch_size": 8}
+
+    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
+            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
+            on_level: OnLevel | None = None) -> list[Level]:
+        timer = Timer()
+        layout = self.layout(model)
+        sparsities = check_sparsities(sparsities, layout)
+        info = model_info_of(model, model_info, layout)
+        masks, _ = sequential_uniform_masks(model, layout, calib, sparsities, self.opts["batch_size"],
+                                            self.opts["sequential"])
+        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds)
+        for level in levels:
+            if on_level:
+                on_level(level)
+        return levels
