@@ -13,6 +13,7 @@ from gisp.cli.app import app
 from gisp.cli.eval_cmd import results_table
 from gisp.cli.prune_cmd import run_prune, steps_table
 from gisp.evaluate import evaluate
+from gisp.layer_report import write_layer_report
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json
 from gisp.prune import PruneConfig
@@ -43,4 +44,8 @@ def demo_command(
     command = (f"gisp demo --out {out} --steps {steps} --calib-samples {calib_samples} --seq-len {seq_len} "
                f"--max-windows {max_windows}")
     md, png = write_report(result, out, command)
-    console.print(f"report: {md}\nplot: {png}\ntotal {time.perf_counter() - t0:.0f} s")
+    layers = write_layer_report(out, [0.2, 0.3, 0.4, 0.5])
+    for obs in layers.observations:
+        console.print(f"- {obs['statement']}")
+    console.print(f"report: {md}\nplot: {png}\nper-layer report: {layers.files['markdown']}\n"
+                  f"total {time.perf_counter() - t0:.0f} s")
