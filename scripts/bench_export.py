@@ -269,7 +269,9 @@ def render(res: dict) -> str:
         "Physically smaller models written by `gisp export` from one GISP run, loaded with",
         "`gisp.load_pretrained`, measured at batch 1 in fp32. Written by `scripts/bench_export.py`.",
         "",
-        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}; "
+        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']} "
+        + ("(one thread: with two, OpenMP spin-waiting on the busy shared machine made even CPU time meaningless)"
+           if m["torch_threads"] == 1 else "") + "; "
         f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end "
         "(the machine was shared with other jobs)",
         f"- Versions: gisp {v['gisp']}, torch {v['torch']}, transformers {v['transformers']}, "
@@ -339,12 +341,14 @@ def render(res: dict) -> str:
     lines += [
         "",
         "Differences of about 10% or less between rows are within the run-to-run noise of this shared machine "
-        "(compare the best and median wall-clock columns).",
+        "(compare the best and median wall-clock columns); in particular the `round_to` gains above moved by "
+        "that much between repeated runs of this script, so they are suggestive, not established.",
         "",
         "Caveats that apply to every row: the model is tiny (135M) and a fifth of its per-token FLOPs is "
-        "lm_head (49152 x 576), which pruning never touches; at batch 1 on 2 CPU cores, decode is bound by "
-        "per-layer Python/dispatch overhead and memory traffic rather than FLOPs, so removing channels helps "
-        "far less than the FLOP ratio says; per-layer widths that are not multiples of the SIMD/GEMM blocking "
+        "lm_head (49152 x 576), which pruning never touches (the ideal column includes it); at batch 1 on "
+        "CPU, decode is bound by per-layer Python/dispatch overhead and memory traffic as much as by FLOPs, "
+        "and neither shrinks with the widths, so measured speed-ups stay below the FLOP ratio; "
+        "per-layer widths that are not multiples of the SIMD/GEMM blocking "
         "waste part of each kernel (what `round_to` addresses); with head_dim 64 every head count is already "
         "a multiple of 8 and 64 in width, so `round_to` 8/64 only moves MLP channel counts here; layers with "
         "uneven GQA groups gather KV heads with `index_select` in every step (`gqa=map`); the machine was "

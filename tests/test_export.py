@@ -23,11 +23,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread (SmolLM2 keeps them all)."""
-    if request.node.get_closest_marker("integration"):
-        yield
-        return
+def one_thread():
+    """One torch thread: fastest for tiny models, and far steadier than two on a busy shared machine."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -349,17 +346,18 @@ def test_smollm2_exports_are_exact_and_counted(smollm2, tmp_path):
     base = smollm2.model
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
     run = tmp_path / "run"
-    traj = gisp.prune(copy.deepcopy(base), gisp.PruneConfig(target=0.3, steps=4, batch_size=8, calib_samples=8,
+    traj = gisp.prune(copy.deepcopy(base), gisp.PruneConfig(target=0.3, steps=3, batch_size=8, calib_samples=8,
                                                              seq_len=64, autocast="bf16"),
                       calib, run_dir=run, progress=False,
                       model_info={"name": "smollm2-135m", "path": smollm2.path})
     listing = {lv.step: lv for lv in levels(traj, base)}
     x = smollm2.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
-    for s in (0.15, 0.3):
+    ref = copy.deepcopy(base)
+    for s in (0.1, 0.3):  # nested masks: the second is applied on top of the first
         res = gisp.export(run, tmp_path / f"s{s}", model=base, tokenizer=smollm2.tokenizer, sparsity=s)
+        traj.mask_at_step(res.step).apply(ref)
         loaded = gisp.load_pretrained(res.path)
-        ref = masked(base, traj.mask_at_step(res.step))
         assert max_diff(loaded.model, ref, x) <= TOL
-        assert res.params == n_params(loaded.model) == listing[res.step].params
-        assert res.step_sparsity > 0.1 and loaded.tokenizer is not None
-        del ref, loaded
+        assert res.params == n_params(loaded.model) == listing[res.step].params < n_params(base)
+        assert loaded.tokenizer is not None
+        del loaded

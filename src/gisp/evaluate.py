@@ -16,7 +16,6 @@ from gisp.errors import GispError
 from gisp.loading import fingerprint, load_model
 from gisp.perplexity import perplexity
 from gisp.provenance import atomic_write_json, versions
-from gisp.structures import Layout, Mask
 from gisp.trajectory import FILENAME, Trajectory
 
 
@@ -33,6 +32,14 @@ def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_wind
             raise GispError("task evaluation is not available in this installation of gisp") from e
         row["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=limit, progress=progress)
     return row
+
+
+def _decoder_linear_params(model) -> int:
+    """Weights and biases of every Linear inside the decoder layers (works for exported per-layer widths too)."""
+    from torch import nn
+
+    layers = model.model.layers
+    return sum(p.numel() for m in layers.modules() if isinstance(m, nn.Linear) for p in m.parameters())
 
 
 def evaluate(
@@ -61,11 +68,10 @@ def evaluate(
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
         loaded = load_model(str(target), dtype=dtype, device=device)
-        layout = Layout.from_model(loaded.model)
         t0 = time.perf_counter()
         row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
                                tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
-        row.update({"sparsity": None, "linear_params": Mask.dense(layout).kept_params(layout),
+        row.update({"sparsity": None, "linear_params": _decoder_linear_params(loaded.model),
                     "seconds": time.perf_counter() - t0})
         result["model"] = {"name": str(target), "fingerprint": fingerprint(loaded.model)}
         result["rows"].append(row)

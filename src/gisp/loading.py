@@ -138,6 +138,16 @@ def _is_cached(repo_id: str) -> bool:
         return False
 
 
+def _is_gisp_export(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return str(json.loads(cfg.read_text()).get("model_type", "")).startswith("gisp_")
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -154,6 +164,12 @@ def load_model(
 
     _silence_hf()
     path, gguf_file = resolve_model_path(name)
+    if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
+        from gisp.export import load_pretrained
+
+        loaded = load_pretrained(path, dtype=dtype, device=device)
+        loaded.name = name
+        return loaded
     is_hub_id = not Path(path).exists()
     if is_hub_id and not _is_cached(path) and not _hub_reachable():
         raise GispError(
@@ -193,9 +209,11 @@ def fingerprint(model: nn.Module, samples: int = 2048) -> str:
     """
     h = hashlib.sha256()
     cfg = model.config
+    # per-layer (exported) configs refuse a global getattr of per-layer fields: read them raw
+    get = getattr(cfg, "_getattr_without_heterogeneous_validation", None) or (lambda k, d: getattr(cfg, k, d))
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "vocab_size"):
-        h.update(f"{key}={getattr(cfg, key, None)};".encode())
+        h.update(f"{key}={get(key, None)};".encode())
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // samples)
