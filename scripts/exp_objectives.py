@@ -59,6 +59,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--mc-limit", type=int, default=250, help="held-out items per MC task")
     p.add_argument("--gsm-limit", type=int, default=300, help="held-out GSM8K questions")
     p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--eval-autocast", default="none", help="evaluation precision: none (fp32), bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 = all cores when the machine is idle, 1 when it is shared (per stage)")
@@ -107,7 +108,7 @@ def evaluate_level(args, run: str, level: float, traj: gisp.Trajectory | None) -
     threads = set_threads(args)
     lm = gisp.load_model(args.model, dtype="fp32", device="cpu")
     rec: dict[str, Any] = {"run": run, "level": level, "step": 0, "sparsity": 0.0, "threads": threads,
-                           "load_average": os.getloadavg()[0]}
+                           "load_average": os.getloadavg()[0], "autocast": args.eval_autocast}
     if traj is not None:
         step = next(s for s in traj.steps if abs(s["target"] - level) < 1e-9)
         traj.apply(lm.model, step=step["step"])
@@ -119,10 +120,10 @@ def evaluate_level(args, run: str, level: float, traj: gisp.Trajectory | None) -
     res = {}
     if tasks:
         res.update(evaluate_tasks(lm.model, lm.tokenizer, tasks, limit=args.mc_limit, batch_size=args.eval_batch,
-                                  details=True))
+                                  autocast=args.eval_autocast, details=True))
     if "gsm8k" in SUITE[run]:
         res.update(evaluate_tasks(lm.model, lm.tokenizer, ["gsm8k"], limit=args.gsm_limit,
-                                  batch_size=args.eval_batch, details=True))
+                                  batch_size=args.eval_batch, autocast=args.eval_autocast, details=True))
     rec.update(results=res, seconds=time.perf_counter() - t0)
     atomic_write_json(path, rec)
     print(f"[{key}] evaluated in {rec['seconds']:.0f}s", flush=True)
@@ -200,7 +201,7 @@ def summarise(args, evals: dict[str, dict[str, Any]], runs: dict[str, gisp.Traje
         f"question/solution pairs (<= {args.answer_seq_len} tokens); seed {args.seed}",
         f"- Evaluation: held-out items only (split seed 0, 30% of each task reserved for calibration); "
         f"up to {args.mc_limit} items per MC task, {args.gsm_limit} GSM8K questions (first of the seeded "
-        "held-out order); fp32; zero-shot lm-eval 0.4 prompts",
+        f"held-out order); fp32 weights, autocast {args.eval_autocast}; zero-shot lm-eval 0.4 prompts",
         "- Run times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timing.items()),
         "",
     ]

@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "runs" / "results"), help="comparison directory (resumable)")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md and its PNGs go")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS + ["torch-pruning"]))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS + ["torch-pruning", "torch-pruning-taylor"]))
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--calib-samples", type=int, default=32)

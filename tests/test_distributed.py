@@ -99,12 +99,17 @@ def test_shards_are_disjoint_complete_balanced_and_deterministic():
     for n in (0, 1, 5, 11, 64):
         for world in (1, 2, 3, 8):
             for mode in distributed.SHARDS:
-                shards = [distributed.shard_indices(n, r, world, mode) for r in range(world)]
-                assert sorted(i for s in shards for i in s) == list(range(n))
-                assert max(map(len, shards)) - min(map(len, shards)) <= 1
-                assert shards == [distributed.shard_indices(n, r, world, mode) for r in range(world)]
+                for block in (1, 3):
+                    shards = [distributed.shard_indices(n, r, world, mode, block) for r in range(world)]
+                    assert sorted(i for s in shards for i in s) == list(range(n))
+                    assert max(map(len, shards)) - min(map(len, shards)) < 2 * block  # blocks differ by <= 1
+                    assert shards == [distributed.shard_indices(n, r, world, mode, block) for r in range(world)]
     assert distributed.shard_indices(7, 1, 2, "strided") == [1, 3, 5]
     assert distributed.shard_indices(7, 1, 2, "contiguous") == [4, 5, 6]
+    # blocks of micro-batch size: every rank's micro-batch is one of the single-process run
+    assert distributed.shard_indices(11, 0, 2, "strided", block=3) == [0, 1, 2, 6, 7, 8]
+    assert distributed.shard_indices(11, 1, 2, "strided", block=3) == [3, 4, 5, 9, 10]
+    assert distributed.shard_indices(11, 1, 2, "contiguous", block=3) == [6, 7, 8, 9, 10]
     with pytest.raises(gisp.GispError, match="shard mode"):
         distributed.shard_indices(4, 0, 2, "random")
     with pytest.raises(gisp.GispError, match="outside a world"):

@@ -84,6 +84,22 @@ def test_fp32_accumulation_sums_bf16_microbatch_gradients_exactly_enough():
     assert err(fp32) < 1e-6 and err(native) > 100 * err(fp32)
 
 
+def test_fp64_accumulation_is_exact_whatever_the_order():
+    """fp64 sums of fp32 micro-batch gradients: what makes 1 and N processes agree bit for bit."""
+    model = tiny_model()
+    record: dict = {}
+    exact = _grads(model, "native", record=record)
+    fp64 = _grads(model, "fp64")
+    assert all(g.dtype == torch.float64 for g in fp64)
+    layout = Layout.from_model(model)
+    for p, g, e in zip(prunable_parameters(model, layout), fp64, exact):
+        parts = record[id(p)]
+        assert torch.equal(g, e)
+        # another grouping (two "ranks", then their sum) gives the same bits
+        assert torch.equal(g, torch.stack(parts[0::2]).double().sum(0) + torch.stack(parts[1::2]).double().sum(0))
+    assert memory.grad_bytes(model, layout, "fp64") == 8 * sum(p.numel() for p in prunable_parameters(model, layout))
+
+
 def test_fp32_accumulation_without_grad_dtype_uses_hooks(monkeypatch):
     """Older torch: fp32 buffers via post-accumulate hooks, rounded once to the weight dtype."""
     bf16 = tiny_model().to(torch.bfloat16)

@@ -87,21 +87,30 @@ def backend() -> str | None:
     return dist.get_backend() if active() else None
 
 
-def shard_indices(n: int, rank: int, world: int, mode: str = "strided") -> list[int]:
-    """The calibration samples of one rank: disjoint, together all ``n``, sizes differing by at most one.
+def shard_indices(n: int, rank: int, world: int, mode: str = "strided", block: int = 1) -> list[int]:
+    """The calibration samples of one rank: disjoint, together all ``n``, deterministic.
 
-    ``strided`` (rank, rank+world, ...) balances work when samples are sorted by
-    length (the task objectives sort them); ``contiguous`` gives each rank one block.
+    Samples are dealt in blocks of ``block`` consecutive ones (the pruning loop
+    passes its micro-batch size, so every micro-batch of a rank is exactly one
+    micro-batch of the single-process run and computes the same gradient).
+    ``strided``: rank r takes blocks r, r+world, ... (balances work when samples
+    are sorted by length, as the task objectives sort them); ``contiguous``: one
+    run of blocks per rank. Block counts differ by at most one between ranks.
     """
     if mode not in SHARDS:
         raise GispError(f"unknown shard mode '{mode}': use one of {', '.join(SHARDS)}")
     if not 0 <= rank < world:
         raise GispError(f"rank {rank} is outside a world of {world}")
+    if block < 1:
+        raise GispError(f"shard block must be at least 1, got {block}")
+    blocks = -(-n // block)
     if mode == "strided":
-        return list(range(rank, n, world))
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (1 if rank < extra else 0)))
+        mine = range(rank, blocks, world)
+    else:
+        base, extra = divmod(blocks, world)
+        start = rank * base + min(rank, extra)
+        mine = range(start, start + base + (1 if rank < extra else 0))
+    return [i for b in mine for i in range(b * block, min(n, (b + 1) * block))]
 
 
 def _comm_device() -> torch.device:

@@ -70,12 +70,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def grad_bytes(model: nn.Module, layout: Layout, grad_accum_dtype: str = "fp32") -> int:
-    """Bytes of the accumulated gradient: prunable weights only, fp32 or in their own dtype."""
-    total = 0
-    for p in prunable_parameters(model, layout, get_adapter(model)):
-        size = 4 if grad_accum_dtype == "fp32" else p.element_size()
-        total += p.numel() * max(size, p.element_size())
-    return total
+    """Bytes of the accumulated gradient: prunable weights only, in the accumulation dtype."""
+    wide = {"fp32": 4, "fp64": 8}.get(grad_accum_dtype, 0)
+    return sum(p.numel() * max(wide, p.element_size()) for p in prunable_parameters(model, layout, get_adapter(model)))
 
 
 @dataclass

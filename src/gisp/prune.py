@@ -42,7 +42,8 @@ from gisp.structures import Layout
 from gisp.trajectory import FILENAME, Trajectory
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-GRAD_ACCUM = ("fp32", "native")
+GRAD_ACCUM = ("fp32", "native", "fp64")
+_ACCUM_DTYPE = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 @dataclass
@@ -81,10 +82,11 @@ class PruneConfig:
     """Recompute each decoder layer's activations during backward instead of keeping them: far less
     activation memory for about one extra forward pass; gradients and results are unchanged."""
     grad_accum_dtype: str = "fp32"
-    """Precision the calibration-set gradient is summed in, for weights stored in bf16/fp16. fp32: each
-    micro-batch's gradient (computed in the weight dtype) is added into an fp32 gradient (4 bytes per
-    prunable weight); native: summed in the weight dtype (2 bytes, least memory, but a bf16 sum of
-    many micro-batches loses precision). Identical for fp32 weights."""
+    """Precision the calibration-set gradient is summed in. Each micro-batch's gradient is computed in the
+    weight dtype; fp32: summed into an fp32 gradient (bf16/fp16 weights: 4 bytes per prunable weight
+    instead of 2; fp32 weights: as native); native: summed in the weight dtype (least memory, but a bf16
+    sum of many micro-batches loses precision); fp64: summed in float64 (8 bytes), which makes the sum,
+    hence the trajectory, independent of how micro-batches are split over processes."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -134,12 +136,13 @@ def input_device(model: nn.Module) -> torch.device:
     return emb.weight.device if emb is not None else next(model.parameters()).device
 
 
-def _local_samples(calib: CalibrationSet) -> list[Any]:
-    """This rank's shard of the calibration samples (all of them in a single process)."""
-    if not distributed.active():
-        return calib.samples
-    idx = distributed.shard_indices(len(calib), distributed.rank(), distributed.world_size())
-    return [calib.samples[i] for i in idx]
+def _local_batches(calib: CalibrationSet, batch_size: int) -> list[list[Any]]:
+    """This rank's micro-batches: the single-process micro-batches, dealt to ranks in turn."""
+    idx = list(range(len(calib)))
+    if distributed.active():
+        idx = distributed.shard_indices(len(calib), distributed.rank(), distributed.world_size(), "strided",
+                                        block=batch_size)
+    return [[calib.samples[i] for i in idx[s : s + batch_size]] for s in range(0, len(idx), batch_size)]
 
 
 # torch >= 2.10 lets a bf16 parameter keep an fp32 .grad that autograd accumulates into directly.
@@ -147,28 +150,30 @@ _HAS_GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
 
 
 @contextlib.contextmanager
-def _fp32_accumulation(params: list[nn.Parameter], mode: str) -> Iterator[None]:
-    """Sum low-precision gradients in fp32 while the block runs (``grad_accum_dtype='fp32'``).
+def _accumulation_dtype(params: list[nn.Parameter], mode: str) -> Iterator[None]:
+    """Sum gradients in ``mode``'s dtype while the block runs (see ``PruneConfig.grad_accum_dtype``).
 
-    With ``Tensor.grad_dtype`` the ``.grad`` itself becomes fp32 and stays so for
-    scoring (restore with :func:`restore_grad_dtype`). On older torch a
-    post-accumulate hook moves each micro-batch's gradient into an fp32 buffer;
-    the sum is rounded once to the weight dtype at the end.
+    With ``Tensor.grad_dtype`` the ``.grad`` itself takes that dtype and keeps it
+    for scoring (restore with :func:`restore_grad_dtype`). On older torch a
+    post-accumulate hook moves each micro-batch's gradient into a buffer of that
+    dtype; the sum is rounded once to the weight dtype at the end.
     """
-    low = [p for p in params if p.dtype != torch.float32] if mode == "fp32" else []
-    if mode == "native" and _HAS_GRAD_DTYPE:  # undo an fp32 gradient dtype left by an earlier fp32 pass
+    target = _ACCUM_DTYPE.get(mode)
+    wider = [p for p in params if target is not None and p.dtype.itemsize < target.itemsize]
+    widened = {id(p) for p in wider}
+    if _HAS_GRAD_DTYPE:  # undo a gradient dtype left by an earlier pass of another mode
         for p in params:
-            if p.grad is None and p.grad_dtype != p.dtype:
+            if p.grad is None and id(p) not in widened and p.grad_dtype != p.dtype:
                 p.grad_dtype = p.dtype
-    if not low:
+    if not wider:
         yield
         return
     if _HAS_GRAD_DTYPE:
-        for p in low:
-            if p.grad_dtype != torch.float32:
+        for p in wider:
+            if p.grad_dtype != target:
                 g, p.grad = p.grad, None
-                p.grad_dtype = torch.float32
-                p.grad = None if g is None else g.float()
+                p.grad_dtype = target
+                p.grad = None if g is None else g.to(target)
         yield
         return
     bufs: dict[int, torch.Tensor] = {}
@@ -177,16 +182,16 @@ def _fp32_accumulation(params: list[nn.Parameter], mode: str) -> Iterator[None]:
         if id(p) in bufs:
             bufs[id(p)].add_(p.grad)
         else:
-            bufs[id(p)] = p.grad.float()
+            bufs[id(p)] = p.grad.to(target)
         p.grad = None
 
-    handles = [p.register_post_accumulate_grad_hook(hook) for p in low]
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in wider]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-    for p in low:
+    for p in wider:
         buf = bufs.pop(id(p), None)
         if buf is not None:
             p.grad = buf.to(p.dtype) if p.grad is None else (buf + p.grad).to(p.dtype)
@@ -218,11 +223,10 @@ def accumulate_gradients(
     device = input_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(calib)
-    local = _local_samples(calib)
     total = 0.0
-    with _fp32_accumulation(params, grad_accum_dtype):
-        for start in range(0, len(local), batch_size):
-            batch = objective.collate(local[start : start + batch_size])
+    with _accumulation_dtype(params, grad_accum_dtype):
+        for samples in _local_batches(calib, batch_size):
+            batch = objective.collate(samples)
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(model, autocast):
                 losses = objective.sample_losses(model, batch)
@@ -244,10 +248,9 @@ def evaluate_objective(model: nn.Module, objective: Objective, calib: Calibratio
                        autocast: str = "none") -> float:
     """Mean per-sample loss over the calibration set (sharded and summed over ranks when distributed)."""
     device = input_device(model)
-    local = _local_samples(calib)
     total = 0.0
-    for start in range(0, len(local), batch_size):
-        batch = {k: v.to(device) for k, v in objective.collate(local[start : start + batch_size]).items()}
+    for samples in _local_batches(calib, batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate(samples).items()}
         with _autocast(model, autocast):
             total += float(objective.sample_losses(model, batch).float().sum())
     return distributed.all_reduce_float(total) / len(calib)
@@ -304,9 +307,13 @@ def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout
     if not (run_dir / FILENAME).exists():
         return None
     traj = Trajectory.load(run_dir)
-    free = _RESUME_FREE | ({"grad_accum_dtype"} if model_info.get("weight_dtype") == "float32" else set())
-    old = {k: v for k, v in {**_LEGACY, **traj.config}.items() if k not in free}
-    new = {k: v for k, v in config.to_dict().items() if k not in free}
+    def comparable(cfg: dict) -> dict:
+        out = {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
+        if model_info.get("weight_dtype") == "float32" and out.get("grad_accum_dtype") == "native":
+            out["grad_accum_dtype"] = "fp32"  # the same thing for fp32 weights
+        return out
+
+    old, new = comparable({**_LEGACY, **traj.config}), comparable(config.to_dict())
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise GispError(f"{run_dir} holds a run with different settings ({', '.join(diff)}): use another --out")

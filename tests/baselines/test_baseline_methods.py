@@ -14,7 +14,7 @@ from gisp.importance import StructureScores
 from gisp.structures import Layout
 
 LEVELS = [0.2, 0.3, 0.4, 0.5]
-MASKING = [m for m in METHODS if m != "torch-pruning"]
+MASKING = [m for m in METHODS if not m.startswith("torch-pruning")]
 OPTS = {"gisp": {"steps": 10}}  # 10 linear steps to 0.5 stop at every level
 
 
@@ -228,6 +228,8 @@ def test_torch_pruning_row_slices_physically():
             else:
                 assert min(lv.details["heads_per_layer"]) < 4
         assert model.model.layers[0].mlp.gate_proj.out_features == 96  # the caller's model is untouched
+    taylor = get_method("torch-pruning-taylor").run(tiny_model("llama", 2), random_calib(), [0.3])[0]
+    assert abs(taylor.sparsity - 0.3) < 0.02 and taylor.details["plan"]["heads_per_layer"] == 0
 
 
 @pytest.mark.parametrize("call,match", [

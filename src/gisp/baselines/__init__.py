@@ -5,21 +5,23 @@ returns :class:`Level` records with the same masks/trajectories as GISP, so
 ``gisp compare`` evaluates them with one protocol. Each module's docstring
 names the paper and public code it follows and where it deviates.
 
-=================  ======  =====================================================
-name               nested  what it is
-=================  ======  =====================================================
-``gisp``           yes     iterative global first-order Taylor (this project)
-``oneshot``        yes     GISP with one step
-``wanda-sp``       no      |W| x ||X|| on o/down columns, same ratio per layer
-``flap``           yes*    fluctuation metric, global adaptive widths, bias
-                           compensation (*compensation differs per level)
-``llm-pruner``     no      element-wise Taylor, same ratio per layer, layer range
-``owl``            no      outlier-weighted per-layer ratios on Wanda-sp
-``shortgpt``       yes     whole layers by lowest block influence
-``magnitude``      yes     sum |w|, GISP's normalisation, global (floor)
-``random``         yes     seeded random order (floor)
-``torch-pruning``  no      external library (physical slicing), optional
-=================  ======  =====================================================
+Nested methods (one run serves every sparsity, masks are nested):
+
+- ``gisp``: iterative global first-order Taylor (this project);
+- ``oneshot``: GISP with one step;
+- ``flap``: fluctuation metric, global adaptive widths, bias compensation
+  (the compensation differs per level);
+- ``shortgpt``: whole layers by lowest block influence;
+- ``magnitude`` and ``random``: floors with GISP's structures and ranking.
+
+One run per level:
+
+- ``wanda-sp``: |W| x ||X|| on o/down columns, same ratio per layer;
+- ``llm-pruner``: element-wise Taylor, same ratio per layer, layer range;
+- ``owl``: outlier-weighted per-layer ratios on Wanda-sp;
+- ``torch-pruning`` / ``torch-pruning-taylor``: the external library (physical
+  slicing) with its LLM example's magnitude criterion / its Taylor criterion;
+  optional (``pip install torch-pruning==1.6.1``).
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ from gisp.baselines.owl import OWL
 from gisp.baselines.random_mask import RandomFloor
 from gisp.baselines.selection import uniform_mask
 from gisp.baselines.shortgpt import ShortGPT
-from gisp.baselines.tp_external import TorchPruning
+from gisp.baselines.tp_external import TorchPruning, TorchPruningTaylor
 from gisp.baselines.wanda_sp import WandaSP
 from gisp.errors import GispError
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (GISP, OneShot, WandaSP, FLAP, LLMPruner, OWL, ShortGPT, Magnitude, RandomFloor, TorchPruning)
+    for cls in (GISP, OneShot, WandaSP, FLAP, LLMPruner, OWL, ShortGPT, Magnitude, RandomFloor, TorchPruning,
+                TorchPruningTaylor)
 }
 
 

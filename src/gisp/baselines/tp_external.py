@@ -190,3 +190,15 @@ class TorchPruning(Method):
             (obj.sample_losses(model, {"input_ids": ids.to(device)}).sum() / n).backward()
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+class TorchPruningTaylor(TorchPruning):
+    """The same external row with Torch-Pruning's own first-order ``GroupTaylorImportance``.
+
+    Its LLM example's magnitude criterion collapses on SmolLM2 (see docs/results.md);
+    this row shows what the library does with a gradient-based score (gradients of
+    the mean calibration loss, fp32, computed on the copy it prunes).
+    """
+
+    name = "torch-pruning-taylor"
+    defaults = {"importance": "taylor", "batch_size": 8}
