@@ -150,11 +150,10 @@ def test_device_map_model_prunes_like_a_plain_one_and_offload_is_refused(tmp_pat
 
 
 # --- peak memory measurement ----------------------------------------------------------------------------------
-def test_peak_memory_sees_an_allocation_and_sizes_are_exact():
-    with memory.PeakMemory(torch.device("cpu")) as pm:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del x
-    assert pm.peak - pm.start >= 60 * 2**20 or not pm.resettable
+def test_peak_memory_sizes_are_exact():
+    # An RSS-based check of a fresh allocation is unreliable inside a long test process (freed pages of
+    # earlier tests stay resident and get reused), so the peak itself is measured by the benchmark scripts
+    # in fresh processes; here only the exact size arithmetic is tested.
     model = tiny_model().to(torch.bfloat16)
     layout = Layout.from_model(model, 0.25, 1)
     n_prunable = sum(p.numel() for p in prunable_parameters(model, layout))

@@ -312,10 +312,13 @@ def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progre
                 lv.details["run_levels"] = len(produced)
                 if lv.requested in missing and lv.mask is not None:
                     levels[lv.requested] = lv
-            for lv in physical:  # rows were saved inside on_level; add the run time now
+            # physical rows were saved (and evaluated) inside on_level: their pruning time is the
+            # levels' own slicing time, without the evaluations that ran in between
+            sliced = sum(lv.details.get("seconds", 0.0) for lv in physical)
+            for lv in physical:
                 row = store.row(name, lv.requested)
                 if row is not None:
-                    row.update(run_seconds=seconds, run_levels=len(produced))
+                    row.update(run_seconds=sliced, run_levels=len(physical))
                     store.save_row(name, lv.requested, row)
         for s in sorted(levels):
             if store.row(name, s) is not None:
