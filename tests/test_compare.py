@@ -1,10 +1,11 @@
 """``gisp compare`` on a tiny in-process model: outputs, provenance, resumption, refusals."""
 
 import json
+import sys
 
 import pytest
 import torch
-from tests.conftest import CharTokenizer, tiny_model
+from tests.conftest import VOCAB, CharTokenizer, tiny_model
 
 import gisp
 import gisp.compare as compare_mod
@@ -85,6 +86,34 @@ def test_compensation_changes_flaps_evaluation(done):
     assert comp == pytest.approx(row["ppl"]["ppl"], rel=1e-6) and plain != pytest.approx(comp, rel=1e-6)
 
 
+def test_flap_compensation_survives_export_and_gisp_eval(done, tmp_path, monkeypatch):
+    """A FLAP level of a compare directory exports with real o_proj/down_proj biases (a standard Llama with
+    attention_bias/mlp_bias) that reproduce the compensated masked model, and gisp eval applies them too."""
+    out, res = done
+    level = compare_mod.Store(out).load_level("flap", 0.4)
+    masked = tiny_model("llama", 2)
+    level.mask.apply(masked)
+    ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), gisp.baselines.apply_compensation(masked, level.compensation):
+        want = masked(ids).logits
+    result = gisp.export(out / "methods" / "flap", tmp_path / "flap40", sparsity=0.4, model=tiny_model("llama", 2))
+    assert result.record["compensation"]["attn_layers"] or result.record["compensation"]["mlp_layers"]
+    slim = gisp.load_pretrained(tmp_path / "flap40", tokenizer=False).model
+    assert slim.config.attention_bias and slim.config.mlp_bias
+    with torch.no_grad():
+        got = slim(ids).logits
+    assert (got - want).abs().max() < 1e-4
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
+
+    ev = sys.modules["gisp.evaluate"]  # the module (gisp.evaluate is also the function's name)
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: loaded())
+    row = ev.evaluate(out / "methods" / "flap", [0.4], ppl="wiki", window=24, max_windows=3, progress=False)["rows"][0]
+    flap = next(r for r in res["rows"] if r["method"] == "flap" and r["requested_sparsity"] == 0.4)
+    assert row["compensation"] and row["ppl"]["ppl"] == pytest.approx(flap["ppl"]["ppl"], rel=1e-6)
+    with pytest.raises(gisp.GispError, match="compensation"):
+        gisp.export(out / "methods" / "flap", tmp_path / "u", sparsity=0.4, model=tiny_model("llama", 2), uniform=True)
+
+
 def test_second_call_does_no_work(done, monkeypatch):
     out, results = done
 
@@ -155,3 +184,24 @@ def test_tasks_hook_adds_mean_accuracy_and_its_plot(tmp_path, monkeypatch):
     assert calls == [(("piqa", "arc_easy", "gsm8k"), 5)] * 2  # dense + one level
     assert res["dense"]["mean_acc"] == pytest.approx(0.55) and res["rows"][0]["mean_acc"] == pytest.approx(0.55)
     assert (tmp_path / "accuracy.png").is_file() and "Mean accuracy" in (tmp_path / "results.md").read_text()
+
+
+def test_task_aligned_gisp_calibrates_on_multiple_choice(tmp_path):
+    """gisp-margin runs GISP with the margin objective on cmqa questions; the lm methods keep c4 windows."""
+    from transformers import AutoTokenizer
+
+    from gisp.loading import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m")[0])
+    smol = LoadedModel(tiny_model("llama", 2, vocab=len(tok)), tok, "tiny", "")
+    res = compare(config(tmp_path, methods=["gisp", "gisp-margin"], sparsities=[0.2], seq_len=64, calib_samples=7),
+                  progress=False, log=lambda m: None, loaded=smol)
+    prov = res["calibration_margin"]
+    assert prov["objective"] == "margin" and prov["source"] == "cmqa" and len(prov["tasks"]) == 7
+    assert res["calibration"]["name"] == "c4"
+    lm, margin = (gisp.Trajectory.load(tmp_path / "methods" / m) for m in ("gisp", "gisp-margin"))
+    assert lm.config["objective"] == "lm" and margin.config["objective"] == "margin"
+    assert margin.calibration["objective"] == "margin"
+    rows = {r["method"]: r for r in res["rows"]}
+    assert 0.1 < rows["gisp"]["sparsity"] <= 0.2 and 0.1 < rows["gisp-margin"]["sparsity"] <= 0.2  # coarse tiny model
+    assert "Calibration of `gisp-margin`" in (tmp_path / "results.md").read_text()

@@ -34,6 +34,7 @@ from torch import nn
 from gisp.baselines import METHODS, Level, Method, apply_compensation, get_method
 from gisp.baselines.base import check_sparsities
 from gisp.baselines.compensation import Compensation
+from gisp.baselines.gisp_iterative import GISP
 from gisp.errors import GispError
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json, atomic_write_text, versions
@@ -71,10 +72,9 @@ class CompareConfig:
     dtype: str = "fp32"
     device: str = "auto"
     batch_size: int = 8
-    gisp_objective: str = "lm"
-    """Hook for task-aligned GISP (e.g. 'margin' once tasks land); baselines always calibrate on lm windows."""
-    gisp_calib: str | None = None
-    """Calibration source of GISP's objective when it is not 'lm' (e.g. 'cmqa'); default: ``calib``."""
+    task_calib: str = "cmqa"
+    """Calibration source of task-aligned methods (``gisp-margin``): multiple-choice questions with the
+    same token budget (``calib_samples`` x ``seq_len``); every other method calibrates on ``calib`` windows."""
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -111,8 +111,8 @@ def method_options(name: str, cfg: CompareConfig) -> dict[str, Any]:
         opts["batch_size"] = cfg.batch_size
     if "autocast" in defaults:
         opts["autocast"] = cfg.autocast
-    if name == "gisp":
-        opts.update(steps=cfg.steps, objective=cfg.gisp_objective)
+    if isinstance(METHODS[name], type) and issubclass(METHODS[name], GISP):
+        opts["steps"] = cfg.steps
     if name == "random":
         opts["seed"] = cfg.seed
     return opts
@@ -155,7 +155,7 @@ class Store:
         }
         if level.trajectory is not None:
             tdir = self.method_dir(method.name) if method.nested else ldir
-            if method.name != "gisp":  # gisp.prune keeps its own run directory up to date
+            if not isinstance(method, GISP):  # gisp.prune keeps its own run directory up to date
                 level.trajectory.save(tdir)
             pointer["trajectory"] = str((tdir / "trajectory.json").relative_to(self.root))
         if level.compensation is not None:
@@ -274,11 +274,11 @@ def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progre
         return
     calib = build_calibration("lm", cfg.calib, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
     atomic_write_json(store.root / "calibration.json", calib.provenance)
-    gisp_calib = calib
-    if cfg.gisp_objective != "lm" and any(m == "gisp" for m, _ in todo):
-        gisp_calib = build_calibration(cfg.gisp_objective, cfg.gisp_calib or cfg.calib, tok, cfg.calib_samples,
-                                       cfg.seq_len, cfg.seed)
-        atomic_write_json(store.root / "calibration_gisp.json", gisp_calib.provenance)
+    calibs = {"lm": calib}
+    for objective in sorted({METHODS[m].objective for m, _ in todo} - {"lm"}):
+        calibs[objective] = build_calibration(objective, cfg.task_calib, tok, cfg.calib_samples, cfg.seq_len,
+                                              cfg.seed)
+        atomic_write_json(store.root / f"calibration_{objective}.json", calibs[objective].provenance)
 
     for name in cfg.methods:
         missing = [s for m, s in todo if m == name]
@@ -301,8 +301,8 @@ def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progre
                     _save_row(store, cfg, method, level, evaluate_model(level.model, tok, cfg, progress), None)
                     physical.append(level)
 
-            run_dir = store.method_dir("gisp") if name == "gisp" else None
-            produced = method.run(model, gisp_calib if name == "gisp" else calib, run_for, model_info=info,
+            run_dir = store.method_dir(name) if isinstance(method, GISP) else None
+            produced = method.run(model, calibs[method.objective], run_for, model_info=info,
                                   run_dir=run_dir, progress=progress, on_level=on_level)
             seconds = time.perf_counter() - t0
             atomic_write_json(store.method_dir(name) / f"run-{int(time.time())}.json", {
@@ -365,7 +365,7 @@ def assemble(cfg: CompareConfig, store: Store, command: str | None = None) -> di
         "command": command,
         "model": read("model.json"),
         "calibration": read("calibration.json"),
-        "calibration_gisp": read("calibration_gisp.json") or None,
+        "calibration_margin": read("calibration_margin.json") or None,
         "protocol": {
             "ppl_source": cfg.ppl, "source": ppl_src.get("source"), "window": cfg.window,
             "max_windows": cfg.max_windows, "windows": ppl_src.get("windows"),
@@ -433,6 +433,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe_mc_calibration(prov: dict[str, Any]) -> str:
+    """One line for a margin calibration set: questions and tokens per task."""
+    per = ", ".join(f"{t} {d['questions']} q/{d['tokens']} tok" for t, d in prov.get("tasks", {}).items())
+    return (f"`{prov.get('name', prov.get('source'))}`, {prov.get('samples')} questions with every option, "
+            f"budget {prov.get('budget_tokens')} tokens, seed {prov.get('seed')}: {per}")
+
+
 def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     """``results.md``: the table plus what was run, on what, with which versions."""
     m, c, p, v = results["model"], results["calibration"], results["protocol"], results["versions"]
@@ -445,7 +452,10 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         f"- Model: `{m.get('name')}` ({m.get('model_type')}, fingerprint {m.get('fingerprint')}, "
         f"{m.get('dense_params', 0):,} decoder linear parameters, weights {m.get('weight_dtype')}).",
         f"- Calibration (all methods): `{c.get('name')}` {c.get('part')} part, {c.get('samples')} windows x "
-        f"{c.get('seq_len')} tokens, seed {c.get('seed')}.",
+        f"{c.get('seq_len')} tokens, seed {c.get('seed')}" + (" (except task-aligned methods)." if
+                                                            results.get("calibration_margin") else "."),
+        *([f"- Calibration of `gisp-margin`: {describe_mc_calibration(results['calibration_margin'])}."]
+          if results.get("calibration_margin") else []),
         f"- Perplexity: `{p['ppl_source']}` {src.get('part', 'eval')} part ({src.get('documents')} documents), first "
         f"{p['windows']} non-overlapping {p['window']}-token windows, each scored independently, {p['eval_dtype']}.",
         f"- Sparsity: {p['sparsity_definition']}.",

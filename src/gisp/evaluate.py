@@ -77,6 +77,8 @@ def evaluate(
         result["rows"].append(row)
         return result
 
+    from gisp.baselines.compensation import apply_compensation, compensation_for_step
+
     traj = Trajectory.load(path)
     levels = sorted(set(sparsities if sparsities is not None else [0.0]))
     for s in levels:
@@ -89,11 +91,14 @@ def evaluate(
     for s in levels:
         rec = traj.step_at(s)
         traj.mask_at_step(rec["step"]).apply(loaded.model)
+        comp, comp_path = compensation_for_step(path, rec["step"])  # FLAP levels of a gisp compare directory
         t0 = time.perf_counter()
-        row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
-                               tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
+        with apply_compensation(loaded.model, comp):
+            row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
+                                   tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
         row.update({"requested_sparsity": s, "step": rec["step"], "sparsity": rec["sparsity"],
-                    "linear_params": rec["kept_params"], "seconds": time.perf_counter() - t0})
+                    "linear_params": rec["kept_params"], "seconds": time.perf_counter() - t0,
+                    "compensation": None if comp_path is None else str(comp_path)})
         result["rows"].append(row)
     _remember(path, result)
     return result

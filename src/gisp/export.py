@@ -834,14 +834,69 @@ def slim_state_dict(model: nn.Module, layout: Layout, plans: Sequence[LayerPlan]
     return out
 
 
-def slim_model(model: nn.Module, mask: Mask, *, gqa: str = "map", dtype: torch.dtype | None = None) -> nn.Module:
-    """A physically smaller copy of ``model`` keeping exactly ``mask``'s structures (the model is untouched)."""
+def _config_with_biases(config: Any) -> Any:
+    """A Llama config whose attention and MLP carry biases (q/k/v/o, gate/up/down): where exported
+    compensation lives. Other families have no switch for an o_proj/down_proj bias."""
+    if config.model_type != "llama":
+        raise GispError(f"bias compensation (FLAP) can be exported for llama models only, not "
+                        f"'{config.model_type}': evaluate the masked level with gisp eval instead")
+    out = type(config).from_dict(config.to_dict())
+    out.attention_bias = True
+    out.mlp_bias = True
+    return out
+
+
+@torch.no_grad()
+def compensation_biases(model: nn.Module, plans: Sequence[LayerPlan], state: dict[str, torch.Tensor],
+                        compensation: Any) -> dict[str, torch.Tensor]:
+    """Bias tensors of a compensated export: zero q/k/v/gate/up biases, o_proj/down_proj biases equal to
+    the compensation (added to any bias the base model has), and the same for fully removed blocks."""
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    dtype = next(model.parameters()).dtype
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, size: int, extra: torch.Tensor | None = None) -> None:
+        b = state[key].clone() if key in state else torch.zeros(size, dtype=dtype)
+        out[key] = b if extra is None else b + extra.to(dtype)
+
+    for i, (layer, plan) in enumerate(zip(adapter.layers(model), plans)):
+        att, mlp = adapter.attention(layer), adapter.mlp(layer)
+        hidden, d = att.o.weight.shape[0], adapter.head_dim
+        prefix = names[id(layer)]
+        o_comp, down_comp = compensation.bias_for(i, "o"), compensation.bias_for(i, "down")
+        if plan.heads:
+            put(names[id(att.q)] + ".bias", len(plan.heads) * d)
+            put(names[id(att.k)] + ".bias", len(plan.kv_heads) * d)
+            put(names[id(att.v)] + ".bias", len(plan.kv_heads) * d)
+            put(names[id(att.o)] + ".bias", hidden, o_comp)
+        else:
+            put(prefix + ".skipped_attn_bias", hidden, o_comp)
+        if plan.channels:
+            put(names[id(mlp.gate)] + ".bias", len(plan.channels))
+            put(names[id(mlp.up)] + ".bias", len(plan.channels))
+            put(names[id(mlp.down)] + ".bias", hidden, down_comp)
+        else:
+            put(prefix + ".skipped_mlp_bias", hidden, down_comp)
+    return out
+
+
+def slim_model(model: nn.Module, mask: Mask, *, gqa: str = "map", dtype: torch.dtype | None = None,
+               compensation: Any = None) -> nn.Module:
+    """A physically smaller copy of ``model`` keeping exactly ``mask``'s structures (the model is untouched).
+
+    ``compensation`` (:class:`gisp.baselines.Compensation`, FLAP) becomes real o_proj/down_proj biases:
+    the export then declares ``attention_bias``/``mlp_bias`` (a standard Llama option) with zero q/k/v and
+    gate/up biases, so it loads in any Llama loader.
+    """
     from transformers.initialization import no_init_weights
 
     layout = Layout.from_model(model)
     plans = plan_layers(mask, layout, gqa)
-    config = slim_config(model.config, plans)
+    config = slim_config(model.config if compensation is None else _config_with_biases(model.config), plans)
     state = slim_state_dict(model, layout, plans)
+    if compensation is not None:
+        state.update(compensation_biases(model, plans, state, compensation))
     with no_init_weights():
         slim = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     missing, unexpected = slim.load_state_dict(state, strict=False)
@@ -1029,12 +1084,13 @@ def save_slim(
     record: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    compensation: Any = None,
 ) -> tuple[Path, nn.Module]:
     """Slice ``model`` by ``mask`` and write the directory atomically (temp dir, then rename)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
-    slim = slim_model(model, mask, gqa=gqa, dtype=dtype)
+    slim = slim_model(model, mask, gqa=gqa, dtype=dtype, compensation=compensation)
     layout = Layout.from_model(model)
     plans = plan_layers(mask, layout, gqa)
     rec = dict(record or {})
@@ -1121,6 +1177,12 @@ def export(
     all_levels = levels(traj, model, round_to=round_to, uniform=uniform, gqa=gqa, dtype=torch_dtype, run_dir=run_dir)
     level = select_level(all_levels, traj, sparsity=sparsity, step=step, max_params=max_params,
                          max_size_gb=max_size_gb)
+    from gisp.baselines.compensation import compensation_for_step
+
+    compensation, comp_path = compensation_for_step(run_dir, level.step)
+    if compensation is not None and (uniform or (round_to and round_to > 1)):
+        raise GispError("this level carries FLAP's bias compensation, which holds for its exact mask only: "
+                        "export it without --uniform/--round-to")
     adjustment = None
     if uniform or (round_to and round_to > 1):
         layout = traj.layout
@@ -1143,9 +1205,13 @@ def export(
         "adjustment": adjustment,
         "prune_config": traj.config,
         "calibration": traj.calibration,
+        "compensation": None if comp_path is None else {
+            "file": str(comp_path.resolve()), "kind": "FLAP bias compensation",
+            "attn_layers": sorted(compensation.attn), "mlp_layers": sorted(compensation.mlp),
+            "written_as": "o_proj/down_proj biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
     }
     path, slim = save_slim(model, level.mask, out, gqa=gqa, tokenizer=tokenizer, source_path=source_path,
-                           record=record, dtype=torch_dtype, overwrite=overwrite)
+                           record=record, dtype=torch_dtype, overwrite=overwrite, compensation=compensation)
     params = sum(p.numel() for p in slim.parameters())
     return ExportResult(path, level.step, level.sparsity, level.step_sparsity, params,
                         params * next(slim.parameters()).element_size(), not slim.config.model_type.startswith("gisp_"),

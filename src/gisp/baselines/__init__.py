@@ -8,6 +8,7 @@ names the paper and public code it follows and where it deviates.
 Nested methods (one run serves every sparsity, masks are nested):
 
 - ``gisp``: iterative global first-order Taylor (this project);
+- ``gisp-margin``: the same with the margin objective on multiple-choice calibration;
 - ``oneshot``: GISP with one step;
 - ``flap``: fluctuation metric, global adaptive widths, bias compensation
   (the compensation differs per level);
@@ -31,7 +32,7 @@ from typing import Any
 from gisp.baselines.base import Level, Method, WeightSnapshot
 from gisp.baselines.compensation import Compensation, apply_compensation
 from gisp.baselines.flap import FLAP
-from gisp.baselines.gisp_iterative import GISP
+from gisp.baselines.gisp_iterative import GISP, GISPMargin
 from gisp.baselines.llm_pruner import LLMPruner
 from gisp.baselines.magnitude import Magnitude
 from gisp.baselines.oneshot import OneShot
@@ -45,8 +46,8 @@ from gisp.errors import GispError
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (GISP, OneShot, WandaSP, FLAP, LLMPruner, OWL, ShortGPT, Magnitude, RandomFloor, TorchPruning,
-                TorchPruningTaylor)
+    for cls in (GISP, GISPMargin, OneShot, WandaSP, FLAP, LLMPruner, OWL, ShortGPT, Magnitude, RandomFloor,
+                TorchPruning, TorchPruningTaylor)
 }
 
 

@@ -60,6 +60,9 @@ class Method(ABC):
     """True when the masks at rising sparsity are nested and come from one run."""
     reference: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    objective: ClassVar[str] = "lm"
+    """The calibration objective the method's data must be built for: ``lm`` windows, or a task-aligned
+    objective (``margin``) whose calibration set ``gisp compare`` builds from ``--task-calib``."""
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))

@@ -101,6 +101,30 @@ class Compensation:
         return comp
 
 
+def compensation_for_step(run_dir: str | Path | None, step: int) -> tuple[Compensation | None, Path | None]:
+    """The compensation a ``gisp compare`` method directory saved for one step of its trajectory.
+
+    Levels live in ``RUN/sLEVEL/level.json`` (with ``compensation.safetensors`` beside it when the
+    method compensates, as FLAP does), so ``gisp eval``/``gisp export`` of ``OUT/methods/flap`` find the
+    biases of the step they read without being told.
+    """
+    if run_dir is None:
+        return None, None
+    import json
+
+    for pointer in sorted(Path(run_dir).glob("s*/level.json")):
+        try:
+            d = json.loads(pointer.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if d.get("step") == step and d.get("compensation"):
+            path = pointer.parent / FILENAME
+            if not path.is_file():
+                raise GispError(f"{pointer} names a compensation but {path} is missing: rerun gisp compare")
+            return Compensation.load(path), path
+    return None, None
+
+
 class CompensationHandle:
     """Removes the hooks :func:`apply_compensation` installed."""
 

@@ -70,3 +70,12 @@ class GISP(Method):
             if on_level:
                 on_level(level)
         return levels
+
+
+class GISPMargin(GISP):
+    """GISP with the task-aligned ``margin`` objective (``shared/GISP.md``): calibrated on multiple-choice
+    questions (``cmqa`` by default in ``gisp compare``), read next to the lm-objective row."""
+
+    name = "gisp-margin"
+    objective = "margin"
+    defaults = {**GISP.defaults, "objective": "margin"}

@@ -54,8 +54,8 @@ def compare_command(
     dtype: str = typer.Option(_D.dtype, help="Weight and evaluation dtype: fp32, bf16, fp16."),
     device: str = typer.Option(_D.device, help="auto, cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(_D.batch_size, help="Windows per forward pass (memory only)."),
-    gisp_objective: str = typer.Option(_D.gisp_objective, help="GISP's objective (lm; margin when tasks are in)."),
-    gisp_calib: str = typer.Option("", help="GISP's calibration source when its objective is not lm (e.g. cmqa)."),
+    task_calib: str = typer.Option(_D.task_calib, help="Calibration of task-aligned methods (gisp-margin): cmqa, "
+                                   "a task name or a JSONL of {context, choices, answer}."),
 ) -> None:
     """Prune MODEL with every method to every sparsity and evaluate all of them the same way."""
     cfg = CompareConfig(
@@ -63,7 +63,7 @@ def compare_command(
         sparsities=parse_floats(sparsities, "sparsities"), out=str(out), calib=calib, calib_samples=calib_samples,
         seq_len=seq_len, seed=seed, steps=steps, ppl=ppl, window=window, max_windows=max_windows,
         tasks=[t for t in tasks.split(",") if t], limit=limit or None, autocast=autocast, dtype=dtype,
-        device=device, batch_size=batch_size, gisp_objective=gisp_objective, gisp_calib=gisp_calib or None,
+        device=device, batch_size=batch_size, task_calib=task_calib,
     )
     err = Console(stderr=True)
     command = "gisp " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -63,6 +63,9 @@ def export_command(
     fmt = f"plain {res.model_type}" if res.plain else f"{res.model_type} (per-layer widths; needs 'import gisp')"
     console.print(f"exported step {res.step} (sparsity {res.sparsity:.4f}) to {res.path}: {res.params:,} params, "
                   f"{res.size_bytes / 1e6:.1f} MB, {fmt}")
+    if res.record.get("compensation"):
+        console.print("bias compensation written as o_proj/down_proj biases "
+                      f"(from {res.record['compensation']['file']})")
     if res.adjustment:
         a = res.adjustment
         console.print(f"{a['kind']}: {a['params_delta']:+,} params vs step {res.step} "
