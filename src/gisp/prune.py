@@ -38,6 +38,7 @@ from gisp.objectives import Objective, get_objective
 from gisp.provenance import versions
 from gisp.ranking import UNITS, apply_picks, select
 from gisp.schedule import SCHEDULES, targets
+from gisp.shrink import ShrunkModel
 from gisp.structures import Layout
 from gisp.trajectory import FILENAME, Trajectory
 
@@ -87,6 +88,10 @@ class PruneConfig:
     instead of 2; fp32 weights: as native); native: summed in the weight dtype (least memory, but a bf16
     sum of many micro-batches loses precision); fp64: summed in float64 (8 bytes), which makes the sum,
     hence the trajectory, independent of how micro-batches are split over processes."""
+    shrink_every: int = 0
+    """Every K steps, physically slice a working copy of the model (the export's slicing) so later steps'
+    gradients run on a smaller network; 0: never. Same trajectory as the masked path up to ties of float
+    rounding; costs a copy of the kept weights (see :mod:`gisp.shrink`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -106,6 +111,8 @@ class PruneConfig:
             raise GispError(f"--calib-samples must be at least 1, got {self.calib_samples}")
         if self.batch_size < 1:
             raise GispError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.shrink_every < 0:
+            raise GispError(f"--shrink-every must be 0 (off) or a number of steps, got {self.shrink_every}")
         get_objective(self.objective)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,9 +125,9 @@ class PruneConfig:
 
 
 # Settings that change memory or speed but not the trajectory may differ on resume.
-_RESUME_FREE = {"batch_size", "grad_checkpointing"}
+_RESUME_FREE = {"batch_size", "grad_checkpointing", "shrink_every"}
 # What a run saved before a setting existed did: compare old runs as if they had saved it.
-_LEGACY = {"grad_checkpointing": False, "grad_accum_dtype": "native"}
+_LEGACY = {"grad_checkpointing": False, "grad_accum_dtype": "native", "shrink_every": 0}
 
 
 def _autocast(model: nn.Module, mode: str):
@@ -425,17 +432,38 @@ def prune(
     done_here = 0
     bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not (progress and main),
                unit="step")
+    every = config.shrink_every
+    shrunk: ShrunkModel | None = None
+    work_ctx = contextlib.ExitStack()
     try:
         with activation_checkpointing(model, config.grad_checkpointing):
             for step in range(traj.last_step + 1, config.steps + 1):
                 t0 = time.perf_counter()
-                model.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(model, objective, calib, config.batch_size, config.autocast,
-                                            grad_accum_dtype=config.grad_accum_dtype)
+                if every and step > 1 and ((step - 1) % every == 0 or (shrunk is None and step - 1 > every)):
+                    work_ctx.close()
+                    shrunk = None  # free the previous copy before slicing the next one
+                    shrunk = ShrunkModel(model, mask, layout)
+                    for p in (*model.parameters(), *shrunk.model.parameters()):
+                        p.requires_grad_(False)
+                    for p in shrunk.prunable_parameters():
+                        p.requires_grad_(True)
+                    work_ctx = contextlib.ExitStack()
+                    work_ctx.enter_context(activation_checkpointing(shrunk.model, config.grad_checkpointing))
+                work = model if shrunk is None else shrunk.model
+                t_shrink = time.perf_counter() - t0
+                work.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                if shrunk is None or shrunk.prunable_parameters():
+                    loss = accumulate_gradients(work, objective, calib, config.batch_size, config.autocast,
+                                                grad_accum_dtype=config.grad_accum_dtype)
+                else:  # the sliced copy has no prunable block left: nothing to score, the loss still counts
+                    loss = evaluate_objective(work, objective, calib, config.batch_size, config.autocast)
                 traj.steps[-1]["calib_loss"] = loss  # loss of the previous step's mask
                 t1 = time.perf_counter()
-                scores = normalize(importance.scores(model, layout, adapter), layout, config.normalize)
-                model.zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
+                raw = importance.scores(model, layout, adapter) if shrunk is None else shrunk.taylor_scores()
+                scores = normalize(raw, layout, config.normalize)
+                del raw
+                work.zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
                 t2 = time.perf_counter()
                 picks = select(scores, mask, layout, schedule[step - 1], config.schedule_unit)
                 del scores
@@ -447,6 +475,8 @@ def prune(
                 t3 = time.perf_counter()
                 new_mask = apply_picks(mask, picks)
                 new_mask.apply(model, adapter, since=mask)
+                if shrunk is not None:
+                    shrunk.remove(picks)
                 mask = new_mask
                 t4 = time.perf_counter()
                 for p in picks:
@@ -466,13 +496,15 @@ def prune(
                     "heads_removed": sum(int((~h).sum()) for h in mask.heads),
                     "channels_removed": sum(int((~c).sum()) for c in mask.channels),
                 }
+                if every:
+                    rec["work_params"] = sum(p.numel() for p in work.parameters())
                 t5 = time.perf_counter()
-                rec.update({"seconds": t5 - t0, "gradient_seconds": t1 - t0, "timing": {
+                rec.update({"seconds": t5 - t0 + t_shrink, "gradient_seconds": t1 - t0, "timing": {
                     "processes": world, "scoring": t2 - t1, "selection": t3 - t2, "masking": t4 - t3,
-                    "bookkeeping": t5 - t4, "save": 0.0}})
+                    "bookkeeping": t5 - t4, "shrink": t_shrink, "save": 0.0}})
                 traj.steps.append(rec)
                 if step == config.steps:  # the final mask's loss needs one more forward pass
-                    rec["calib_loss"] = evaluate_objective(model, objective, calib, config.batch_size,
+                    rec["calib_loss"] = evaluate_objective(work, objective, calib, config.batch_size,
                                                            config.autocast)
                     traj.completed = True
                 if run_path is not None and main:
@@ -486,6 +518,8 @@ def prune(
                     break
     finally:
         bar.close()
+        work_ctx.close()
+        shrunk = None
         for p in model.parameters():
             p.requires_grad_(False)
         model.zero_grad(set_to_none=True)

@@ -1,0 +1,137 @@
+"""Progressive physical shrinking: later pruning steps run on a physically smaller network.
+
+A masked model costs as much per step as the dense one: removed heads and
+channels are zeros that still go through every matmul. Every ``K`` steps
+(``PruneConfig.shrink_every``) the pruning loop slices a working copy with the
+export code (:func:`gisp.export.slim_model`, the modules rebuilt from a
+per-layer config), computes the gradients on that copy, and maps each kept
+structure's score back to its index in the base model. The base model keeps
+the mask (zeros), so the trajectory, masks and every later tool see the base
+model's indices.
+
+Exactness: a removed structure contributes exactly zero to the masked model's
+output and its Taylor score is zero, so the sliced copy computes the same loss
+and the same scores for the kept structures; only float rounding of shorter
+matmuls differs, which can swap structures whose scores tie to rounding.
+
+Cost: the working copy holds the kept weights next to the base model (at most
+one more copy of the prunable weights, shrinking as pruning goes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gisp.adapters import get_adapter
+from gisp.errors import GispError
+from gisp.importance import StructureScores
+from gisp.ranking import Pick
+from gisp.structures import Layout, Mask
+
+
+@dataclass
+class _Slot:
+    """Where one base layer's kept structures sit in the working copy."""
+
+    attn: object | None  # AttentionProjections of the sliced layer, None when the block is gone
+    mlp: object | None
+    heads: torch.Tensor  # base index of the working copy's head j
+    channels: torch.Tensor
+    head_pos: dict[int, int]  # base index -> working index
+    channel_pos: dict[int, int]
+
+
+class ShrunkModel:
+    """A physically sliced working copy of ``base`` (masked by ``mask``) that scores in base indices."""
+
+    def __init__(self, base: nn.Module, mask: Mask, layout: Layout) -> None:
+        from gisp.export import plan_layers, slim_model
+
+        if len({p.device for p in base.parameters()}) > 1:
+            raise GispError("--shrink-every needs the model on one device (it is spread by --device-map): "
+                            "drop --shrink-every")
+        adapter = get_adapter(base)
+        self.layout = layout
+        self.adapter = adapter
+        self.model = slim_model(base, mask, gqa="map").to(next(base.parameters()).device)
+        self.model.eval()
+        self.slots: list[_Slot] = []
+        for layer, plan in zip(self.model.model.layers, plan_layers(mask, layout, "map"), strict=True):
+            attn = adapter.attention(layer) if layer.self_attn is not None else None
+            mlp = adapter.mlp(layer) if layer.mlp is not None else None
+            self.slots.append(_Slot(attn, mlp, torch.tensor(plan.heads, dtype=torch.long),
+                                    torch.tensor(plan.channels, dtype=torch.long),
+                                    {h: j for j, h in enumerate(plan.heads)},
+                                    {c: j for j, c in enumerate(plan.channels)}))
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def prunable_parameters(self) -> list[nn.Parameter]:
+        """The working copy's projection weights of unprotected layers."""
+        out: list[nn.Parameter] = []
+        for i, slot in enumerate(self.slots):
+            if i in self.layout.protected:
+                continue
+            if slot.attn is not None:
+                out += [slot.attn.q.weight, slot.attn.k.weight, slot.attn.v.weight, slot.attn.o.weight]
+            if slot.mlp is not None:
+                out += [slot.mlp.gate.weight, slot.mlp.up.weight, slot.mlp.down.weight]
+        return out
+
+    @torch.no_grad()
+    def taylor_scores(self) -> StructureScores:
+        """``sum |w * grad|`` per structure (as :class:`gisp.importance.TaylorImportance`), in base indices;
+        removed structures score zero, as they do on the masked model."""
+        heads, channels = [], []
+        for s, slot in zip(self.layout.layers, self.slots, strict=True):
+            hs = torch.zeros(s.num_heads, dtype=torch.float64)
+            cs = torch.zeros(s.intermediate, dtype=torch.float64)
+            if slot.attn is not None and len(slot.heads):
+                d, n = s.head_dim, len(slot.heads)
+                h = _wg(slot.attn.q.weight).view(n, d, -1).sum(dim=(1, 2))
+                h += _wg(slot.attn.o.weight).view(-1, n, d).sum(dim=(0, 2))
+                if not s.is_gqa:  # MHA: the kept heads are their own KV heads, in the same order
+                    h += _wg(slot.attn.k.weight).view(n, d, -1).sum(dim=(1, 2))
+                    h += _wg(slot.attn.v.weight).view(n, d, -1).sum(dim=(1, 2))
+                hs[slot.heads] = h.double().cpu()
+            if slot.mlp is not None and len(slot.channels):
+                c = _wg(slot.mlp.gate.weight).sum(dim=1) + _wg(slot.mlp.up.weight).sum(dim=1)
+                c += _wg(slot.mlp.down.weight).sum(dim=0)
+                cs[slot.channels] = c.double().cpu()
+            heads.append(hs)
+            channels.append(cs)
+        return StructureScores(heads, channels)
+
+    @torch.no_grad()
+    def remove(self, picks: list[Pick]) -> None:
+        """Zero the picked structures in the working copy (as :meth:`Mask.apply` does on the base model)."""
+        for p in picks:
+            slot = self.slots[p.layer]
+            d = self.layout.layers[p.layer].head_dim
+            if p.kind == "head":
+                j = slot.head_pos[p.index]
+                slot.attn.q.weight[j * d:(j + 1) * d].zero_()
+                if slot.attn.q.bias is not None:
+                    slot.attn.q.bias[j * d:(j + 1) * d].zero_()
+                slot.attn.o.weight[:, j * d:(j + 1) * d].zero_()
+                if not self.layout.layers[p.layer].is_gqa:
+                    for proj in (slot.attn.k, slot.attn.v):
+                        proj.weight[j * d:(j + 1) * d].zero_()
+                        if proj.bias is not None:
+                            proj.bias[j * d:(j + 1) * d].zero_()
+            else:
+                j = slot.channel_pos[p.index]
+                for proj in (slot.mlp.gate, slot.mlp.up):
+                    proj.weight[j].zero_()
+                    if proj.bias is not None:
+                        proj.bias[j].zero_()
+                slot.mlp.down.weight[:, j].zero_()
+
+
+def _wg(p: nn.Parameter) -> torch.Tensor:
+    w = p.detach().float()
+    if p.grad is None:
+        return torch.zeros_like(w)
+    return (w * p.grad.detach().float()).abs()
