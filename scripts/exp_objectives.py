@@ -37,8 +37,9 @@ from gisp.provenance import atomic_write_json, atomic_write_text, versions
 from gisp.tasks import TASKS, evaluate_tasks
 from gisp.tasks.gsm8k import ratio_stderr
 
-RUNS = {"lm": ("lm", "c4"), "margin": ("margin", "cmqa"), "answer": ("answer", "gsm8k")}
-SUITE = {"lm": ["mc", "gsm8k"], "margin": ["mc"], "answer": ["gsm8k"], "dense": ["mc", "gsm8k"]}
+RUNS = {"lm": ("lm", "c4"), "margin": ("margin", "cmqa"), "answer": ("answer", "gsm8k"),
+        "margin_big": ("margin", "cmqa")}
+SUITE = {"lm": ["mc", "gsm8k"], "margin": ["mc"], "answer": ["gsm8k"], "dense": ["mc", "gsm8k"], "margin_big": ["mc"]}
 
 
 def parse() -> argparse.Namespace:
@@ -53,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lm-seq-len", type=int, default=256)
     p.add_argument("--margin-samples", type=int, default=192, help="cmqa budget = samples * seq_len tokens")
     p.add_argument("--margin-seq-len", type=int, default=128)
+    p.add_argument("--margin-big-samples", type=int, default=0,
+                   help="also run margin on cmqa with this larger budget (x --margin-seq-len tokens); 0: skip")
     p.add_argument("--answer-samples", type=int, default=144, help="GSM8K question/solution pairs")
     p.add_argument("--answer-seq-len", type=int, default=256)
     p.add_argument("--prune-batch", type=int, default=8)
@@ -63,6 +66,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 = all cores when the machine is idle, 1 when it is shared (per stage)")
+    p.add_argument("--precision-check", type=int, default=0, metavar="N",
+                   help="only compare fp32 with the experiment's bf16-autocast evaluation of the dense model on the "
+                        "first N held-out items per task (needs evals/dense.json)")
+    p.add_argument("--notes", default=None, help="markdown appended to the summary (the analysis)")
     p.add_argument("--bench", type=int, default=0, metavar="N",
                    help="only measure scoring speed on N held-out items per MC task (shared vs separate contexts)")
     return p.parse_args()
@@ -81,7 +88,8 @@ def set_threads(args) -> int:
 
 def budget(args, run: str) -> tuple[int, int]:
     return {"lm": (args.lm_samples, args.lm_seq_len), "margin": (args.margin_samples, args.margin_seq_len),
-            "answer": (args.answer_samples, args.answer_seq_len)}[run]
+            "answer": (args.answer_samples, args.answer_seq_len),
+            "margin_big": (args.margin_big_samples, args.margin_seq_len)}[run]
 
 
 def prune_run(args, run: str, target: float) -> gisp.Trajectory:
@@ -135,26 +143,34 @@ def correct(res: dict[str, Any], task: str) -> list[float]:
     return [p[m] for p in res[task]["per_item"]]
 
 
-def mc_mean(res: dict[str, Any]) -> tuple[float, float]:
+def mc_mean(res: dict[str, Any], tasks: list[str] | None = None) -> tuple[float, float]:
     """Mean over tasks of each task's headline accuracy, and its standard error."""
+    tasks = tasks or list(TASKS)
     means, var = [], 0.0
-    for t in TASKS:
+    for t in tasks:
         c = correct(res, t)
         mu = sum(c) / len(c)
         means.append(mu)
         var += sum((x - mu) ** 2 for x in c) / (len(c) - 1) / len(c)
-    return sum(means) / len(means), math.sqrt(var) / len(TASKS)
+    return sum(means) / len(means), math.sqrt(var) / len(tasks)
 
 
-def mc_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
-    """Mean accuracy of a minus b over the seven tasks, with its paired standard error."""
+def mc_diff(a: dict[str, Any], b: dict[str, Any], tasks: list[str] | None = None) -> tuple[float, float]:
+    """Mean accuracy of a minus b over the tasks (default: the seven), with its paired standard error."""
+    tasks = tasks or list(TASKS)
     total, var = 0.0, 0.0
-    for t in TASKS:
+    for t in tasks:
         d = [x - y for x, y in zip(correct(a, t), correct(b, t), strict=True)]
         mu = sum(d) / len(d)
         total += mu
         var += sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d)
-    return total / len(TASKS), math.sqrt(var) / len(TASKS)
+    return total / len(tasks), math.sqrt(var) / len(tasks)
+
+
+def yes_rate(res: dict[str, Any]) -> float:
+    """BoolQ: fraction of items answered 'yes' (choice 1)."""
+    items = res["boolq"]["per_item"]
+    return sum(max(range(len(p["lls"])), key=lambda i: p["lls"][i]) == 1 for p in items) / len(items)
 
 
 def bpb_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
@@ -219,10 +235,34 @@ def summarise(args, evals: dict[str, dict[str, Any]], runs: dict[str, gisp.Traje
         lines.append(f"| {lv:.0%} (measured {a['sparsity']:.3f} / {b['sparsity']:.3f}) | "
                      f"{pm(*mc_mean(a['results']))} | {pm(*mc_mean(b['results']))} | {pm(diff, se)} | "
                      f"{abs(diff) / se:.1f} |")
+    if "margin_big" in runs:
+        big = args.margin_big_samples * args.margin_seq_len
+        lines += ["", f"The same with a {big}-token cmqa budget for margin ({args.margin_big_samples} x "
+                  f"{args.margin_seq_len}; {describe_calibration(runs['margin_big'].calibration)}):", "",
+                  "| sparsity | lm (c4) | margin, larger budget | difference | |diff|/SE |", "|---|---|---|---|---|"]
+        for lv in levels:
+            a, b = evals[f"lm@{lv:.2f}"], evals[f"margin_big@{lv:.2f}"]
+            diff, se = mc_diff(b["results"], a["results"])
+            lines.append(f"| {lv:.0%} (measured {a['sparsity']:.3f} / {b['sparsity']:.3f}) | "
+                         f"{pm(*mc_mean(a['results']))} | {pm(*mc_mean(b['results']))} | {pm(diff, se)} | "
+                         f"{abs(diff) / se:.1f} |")
+    six = [t for t in TASKS if t != "boolq"]
+    rates = {k: yes_rate(e["results"]) for k, e in evals.items() if "boolq" in e["results"]}
+    gold_yes = sum(p["gold"] == 1 for p in dense["boolq"]["per_item"]) / len(dense["boolq"]["per_item"])
+    lines += ["", f"BoolQ mostly measures a yes/no bias at this size: {gold_yes:.0%} of the evaluated items are 'yes'; "
+              "the models answer 'yes' on " + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()) + ". The same "
+              "comparison without BoolQ (six tasks):", "",
+              "| sparsity | lm (c4) | margin (cmqa) | margin - lm | |diff|/SE |", "|---|---|---|---|---|",
+              f"| dense | {pm(*mc_mean(dense, six))} | {pm(*mc_mean(dense, six))} | - | - |"]
+    for lv in levels:
+        a, b = evals[f"lm@{lv:.2f}"]["results"], evals[f"margin@{lv:.2f}"]["results"]
+        diff, se = mc_diff(b, a, six)
+        lines.append(f"| {lv:.0%} | {pm(*mc_mean(a, six))} | {pm(*mc_mean(b, six))} | {pm(diff, se)} | "
+                     f"{abs(diff) / se:.1f} |")
     lines += ["", "Per task (headline metric):", "",
               "| model | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     rows = [("dense", dense)] + [(f"{r} {lv:.0%}", evals[f"{r}@{lv:.2f}"]["results"])
-                                 for lv in levels for r in ("lm", "margin")]
+                                 for lv in levels for r in ("lm", "margin", "margin_big") if r in runs]
     for label, res in rows:
         lines.append(f"| {label} | " + " | ".join(f"{res[t]['value']:.3f}" for t in TASKS) + " |")
     lines += ["", "## (b) lm on c4 vs answer on gsm8k: GSM8K gold-solution bits per byte (lower is better)", "",
@@ -237,6 +277,27 @@ def summarise(args, evals: dict[str, dict[str, Any]], runs: dict[str, gisp.Traje
                      f"{pm(ga['bpb'], ga['bpb_stderr'])} | {pm(gb['bpb'], gb['bpb_stderr'])} | {pm(diff, se)} | "
                      f"{abs(diff) / se:.1f} |")
     lines += ["", "Items evaluated: " + ", ".join(f"{t} {dense[t]['items']}" for t in [*TASKS, "gsm8k"]) + ".", ""]
+    out = Path(args.out)
+    if (out / "fp32_vs_bf16.json").is_file():
+        pc = json.loads((out / "fp32_vs_bf16.json").read_text())
+        lines += ["## Evaluation precision check (dense model, `--precision-check`)", "",
+                  "The tables above score with bf16 autocast (fp32 weights). The same held-out items scored in "
+                  "fp32 (full precision):", "",
+                  "| task | fp32 | bf16 autocast | items whose correctness changed | max abs log-likelihood diff |",
+                  "|---|---|---|---|---|"]
+        for t in TASKS:
+            r = pc[t]
+            lines.append(f"| {t} | {r['fp32']:.3f} | {r['bf16']:.3f} | {r['items_changed']} | "
+                         f"{r['max_abs_ll_diff']:.3f} |")
+        g = pc["gsm8k"]
+        lines += [f"| gsm8k (bpb) | {g['fp32']:.4f} | {g['bf16']:.4f} | - | - |", ""]
+    if (out / "bench.md").is_file():
+        lines += ["## Scoring speed (`--bench`)", "", (out / "bench.md").read_text().strip(), "",
+                  "'shared': each question's context runs once for all its choices (lm-eval's grouping of a "
+                  "request's tokens); 'separate': every (context, choice) request is a full sequence. WinoGrande "
+                  "varies the context and shares the continuation, so there is nothing to share.", ""]
+    if args.notes:
+        lines += [Path(args.notes).read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -269,9 +330,34 @@ def bench(args) -> str:
     return "\n".join(lines)
 
 
+def precision_check(args) -> dict[str, Any]:
+    """Dense model: fp32 against the experiment's evaluation precision, same held-out items, per task."""
+    bf = json.loads((Path(args.out) / "evals" / "dense.json").read_text())["results"]
+    lm = gisp.load_model(args.model, dtype="fp32", device="cpu")
+    fp = evaluate_tasks(lm.model, lm.tokenizer, [*TASKS, "gsm8k"], limit=args.precision_check,
+                        batch_size=args.eval_batch, details=True, progress=False)
+    out: dict[str, Any] = {}
+    for t in TASKS:
+        a, b = fp[t], bf[t]
+        m = a["metric"]
+        pairs = list(zip(a["per_item"], b["per_item"]))  # the same first items of the seeded held-out order
+        out[t] = {"fp32": a["value"], "bf16": sum(y[m] for _, y in pairs) / len(pairs),
+                  "items_changed": sum(x[m] != y[m] for x, y in pairs),
+                  "max_abs_ll_diff": max(abs(u - v) for x, y in pairs for u, v in zip(x["lls"], y["lls"])),
+                  "fp32_items_per_s": a["items_per_second"], "seconds": a["seconds"]}
+        print(t, out[t], flush=True)
+    out["gsm8k"] = {"fp32": fp["gsm8k"]["bpb"], "bf16": bf["gsm8k"]["bpb"],
+                    "fp32_items_per_s": fp["gsm8k"]["items_per_second"]}
+    atomic_write_json(Path(args.out) / "fp32_vs_bf16.json", out)
+    return out
+
+
 def main() -> None:
     args = parse()
     set_threads(args)
+    if args.precision_check:
+        precision_check(args)
+        return
     if args.bench:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         md = bench(args)
@@ -284,6 +370,8 @@ def main() -> None:
     timing: dict[str, float] = {}
     runs: dict[str, gisp.Trajectory] = {}
     for run in RUNS:
+        if run == "margin_big" and not args.margin_big_samples:
+            continue
         runs[run] = prune_run(args, run, max(levels))
         timing[f"prune {run}"] = sum(s.get("seconds", 0.0) for s in runs[run].steps)
     evals = {"dense": evaluate_level(args, "dense", 0.0, None)}

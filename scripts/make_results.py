@@ -12,6 +12,7 @@ report, plus the measured findings (which method wins at each sparsity).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -81,17 +82,55 @@ def findings(results: dict) -> list[str]:
     return out
 
 
+def accuracy_section(results: dict) -> list[str]:
+    """Mean accuracy per method and level, with its standard error, and the best method per level."""
+    p = results["protocol"]
+    sp = results["settings"]["sparsities"]
+    by = {(r["method"], r["requested_sparsity"]): r for r in results["rows"]}
+
+    def cell(r: dict | None) -> str:
+        if not r or r.get("mean_acc") is None:
+            return "-"
+        t = r["tasks"]
+        se = math.sqrt(sum((v.get("stderr") or 0.0) ** 2 for v in t.values())) / len(t)
+        return f"{r['mean_acc']:.3f} ± {se:.3f}"
+
+    lines = ["## Accuracy", "",
+             f"Mean over {', '.join(p['tasks'])} of each task's headline metric (acc for BoolQ/WinoGrande, "
+             f"acc_norm otherwise; lm-eval 0.4 prompts, zero-shot), the first {p['limit']} held-out items of "
+             "each task (split seed 0: items never used by the cmqa calibration of gisp-margin), "
+             f"{p['eval_dtype']}; ± = standard error of the mean (per-task binomial errors combined).", "",
+             f"Dense: {cell(results['dense'])}", "",
+             "| method | " + " | ".join(f"{s:.0%}" for s in sp) + " |", "|" + "---|" * (len(sp) + 1)]
+    for m in results["methods"]:
+        lines.append(f"| {m} | " + " | ".join(cell(by.get((m, s))) for s in sp) + " |")
+    lines += ["", "![mean accuracy against sparsity](results_accuracy.png)", ""]
+    for s in sp:
+        at = sorted(((r["mean_acc"], r["method"]) for r in results["rows"]
+                     if r["requested_sparsity"] == s and r.get("mean_acc") is not None), reverse=True)
+        if at:
+            ranks = {m: i + 1 for i, (_, m) in enumerate(at)}
+            lines.append(f"- {s:.0%}: best {at[0][1]} ({at[0][0]:.3f}); gisp-margin ranks "
+                         f"{ranks.get('gisp-margin', '-')}, gisp ranks {ranks.get('gisp', '-')} of {len(at)}")
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "runs" / "results"), help="comparison directory (resumable)")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md and its PNGs go")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS + ["torch-pruning", "torch-pruning-taylor"]))
+    ap.add_argument("--methods", default=",".join(["gisp", "gisp-margin", *DEFAULT_METHODS[1:], "torch-pruning",
+                                                   "torch-pruning-taylor"]))
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tasks", default="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+                    help="accuracy tasks ('' to skip)")
+    ap.add_argument("--limit", type=int, default=20, help="held-out items per task")
+    ap.add_argument("--task-calib", default="cmqa", help="calibration of gisp-margin")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--autocast", default="bf16", help="mixed precision of the gradient passes only")
@@ -108,11 +147,13 @@ def main() -> None:
         model=a.model, methods=a.methods.split(","), sparsities=[float(x) for x in a.sparsities.split(",")],
         out=a.out, calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, steps=a.steps,
         window=a.window, max_windows=a.max_windows, autocast=a.autocast,
+        tasks=[t for t in a.tasks.split(",") if t], limit=a.limit or None, task_calib=a.task_calib,
     )
     shown_out = os.path.relpath(a.out, ROOT) if Path(a.out).resolve().is_relative_to(ROOT) else a.out
     command = (f"gisp compare {a.model} --methods {a.methods} --sparsities {a.sparsities} --out {shown_out} "
                f"--calib {a.calib} --calib-samples {a.calib_samples} --seq-len {a.seq_len} --steps {a.steps} "
-               f"--ppl wiki --window {a.window} --max-windows {a.max_windows} --autocast {a.autocast}")
+               f"--ppl wiki --window {a.window} --max-windows {a.max_windows} --autocast {a.autocast}"
+               + (f" --tasks {a.tasks} --limit {a.limit} --task-calib {a.task_calib}" if a.tasks else ""))
     t0 = time.perf_counter()
     results = compare(cfg, command=command, progress=False, log=lambda m: print(f"[compare] {m}", flush=True))
     wall = time.perf_counter() - t0
@@ -121,6 +162,8 @@ def main() -> None:
     docs.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     shutil.copy(out / "perplexity.png", docs / "results_perplexity.png")
+    if (out / "accuracy.png").is_file():
+        shutil.copy(out / "accuracy.png", docs / "results_accuracy.png")
     layer_md = []
     if (out / "methods" / "gisp" / "trajectory.json").is_file():
         rep = write_layer_report(out / "methods" / "gisp", cfg.sparsities, out / "methods" / "gisp")
@@ -155,6 +198,7 @@ def main() -> None:
         markdown_table(results),
         "![perplexity against sparsity](results_perplexity.png)",
         "",
+        *(accuracy_section(results) if p["tasks"] else []),
         "## Findings (computed)",
         "",
         *findings(results),
@@ -169,8 +213,6 @@ def main() -> None:
     lines += ["", *layer_md]
     if a.notes:
         lines += [Path(a.notes).read_text().rstrip(), ""]
-    lines += ["", "Accuracy (mean over tasks, margin objective for GISP) will be added when the task module is "
-              "wired in: `gisp compare ... --tasks piqa,arc_easy,... --gisp-objective margin --gisp-calib cmqa`.", ""]
     atomic_write_text(docs / "results.md", "\n".join(lines))
     print(f"wrote {docs / 'results.md'} in {wall / 60:.1f} min", flush=True)
 

@@ -21,7 +21,7 @@ from gisp.baselines.selection import global_masks
 from gisp.calibration import CalibrationSet
 from gisp.importance import StructureScores, TaylorImportance, normalize, prunable_parameters
 from gisp.objectives import get_objective
-from gisp.prune import accumulate_gradients
+from gisp.prune import accumulate_gradients, restore_grad_dtype
 from gisp.structures import Layout
 
 
@@ -42,6 +42,7 @@ def taylor_scores(model: nn.Module, layout: Layout, calib: CalibrationSet, batch
         for p in model.parameters():
             p.requires_grad_(False)
         model.zero_grad(set_to_none=True)
+        restore_grad_dtype(model)  # bf16 weights got fp32 gradients for the accumulation: undo
 
 
 class OneShot(Method):

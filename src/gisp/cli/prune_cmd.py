@@ -80,13 +80,15 @@ def prune_command(
     grad_accum_dtype: str = typer.Option(_DEFAULTS.grad_accum_dtype,
                                          help=f"Gradient sum precision, bf16/fp16 weights: {', '.join(GRAD_ACCUM)}."),
     device_map: str | None = typer.Option(None, help="Spread a model too big for one device: auto (accelerate)."),
+    shrink_every: int = typer.Option(_DEFAULTS.shrink_every, help="Physically slice a working copy every K steps "
+                                     "so later steps run faster (0: off; costs a copy of the kept weights)."),
 ) -> None:
     """Prune MODEL with GISP; one run holds every sparsity level up to --target."""
     config = PruneConfig(
         target=target, steps=steps, schedule=schedule, schedule_unit=schedule_unit, normalize=normalize,
         objective=objective, calib=calib, calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size,
         protect_first=protect_first, protect_last=protect_last, autocast=autocast, seed=seed,
-        grad_checkpointing=grad_checkpointing, grad_accum_dtype=grad_accum_dtype,
+        grad_checkpointing=grad_checkpointing, grad_accum_dtype=grad_accum_dtype, shrink_every=shrink_every,
     )
     traj = run_prune(model, out, config, dtype=dtype, device=device, resume=resume, device_map=device_map)
     main = distributed.is_main()
