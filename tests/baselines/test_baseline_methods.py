@@ -14,7 +14,7 @@ from gisp.importance import StructureScores
 from gisp.structures import Layout
 
 LEVELS = [0.2, 0.3, 0.4, 0.5]
-MASKING = [m for m in METHODS if not m.startswith("torch-pruning")]
+MASKING = [m for m in METHODS if not m.startswith("torch-pruning") and METHODS[m].objective == "lm"]  # lm windows
 OPTS = {"gisp": {"steps": 10}}  # 10 linear steps to 0.5 stop at every level
 
 

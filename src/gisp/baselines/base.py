@@ -207,6 +207,41 @@ def masked_levels(
     return levels
 
 
+@dataclass
+class Masks:
+    """What a masking method computes: one nested-or-not mask per target, with optional per-target
+    compensation (FLAP) and details recorded next to the level."""
+
+    masks: list[tuple[float, Mask]]
+    compensations: dict[float, Any] = field(default_factory=dict)
+    details: dict[float, dict[str, Any]] = field(default_factory=dict)
+
+
+class MaskingMethod(Method):
+    """A method that reads the model once and returns masks: subclasses implement :meth:`masks`; the
+    validation, timing, trajectories and level callbacks are shared here."""
+
+    @abstractmethod
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
+        """Masks at every (validated, sorted) sparsity, computed on the unpruned ``model``."""
+
+    def run(self, model: nn.Module, calib: CalibrationSet | None, sparsities: list[float], *,
+            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
+            on_level: OnLevel | None = None) -> list[Level]:
+        timer = Timer()
+        layout = self.layout(model)
+        sparsities = check_sparsities(sparsities, layout)
+        info = model_info_of(model, model_info, layout)
+        out = self.masks(model, calib, layout, sparsities)
+        levels = masked_levels(self, layout, out.masks, model_info=info, calib=calib, seconds=timer.seconds,
+                               compensations=out.compensations, details=out.details)
+        for level in levels:
+            if on_level:
+                on_level(level)
+        return levels
+
+
 class Timer:
     """Wall-clock seconds since creation (pruning cost recorded with every level)."""
 

@@ -27,18 +27,17 @@ compensation is computed per level.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from gisp.adapters import get_adapter
 from gisp.baselines.activations import collect_input_stats
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.compensation import Compensation
 from gisp.baselines.selection import global_masks
 from gisp.calibration import CalibrationSet
 from gisp.importance import StructureScores
+from gisp.structures import Layout
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
@@ -60,19 +59,14 @@ def flap_scores(model: nn.Module, stats: dict) -> StructureScores:
     return StructureScores(heads, channels)
 
 
-class FLAP(Method):
+class FLAP(MaskingMethod):
     name = "flap"
     nested = True
     reference = "FLAP (AAAI 2024) github CASIA-IVA-Lab/FLAP lib/prune.py prune_flap, WIFV metric, AL-AM structure"
     defaults = {"protect_first": 0.0, "protect_last": 0, "bias": True, "batch_size": 8}
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         stats = collect_input_stats(model, calib, self.opts["batch_size"])
         masks = global_masks(flap_scores(model, stats), layout, sparsities)
         comps = {}
@@ -81,9 +75,4 @@ class FLAP(Method):
             mlp_means = {i: stats[f"{i}.down"].mean for i in range(layout.num_layers)}
             for s, mask in masks:
                 comps[s] = Compensation.from_means(model, mask.heads, mask.channels, attn_means, mlp_means)
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds,
-                               compensations=comps)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks, compensations=comps)

@@ -20,18 +20,16 @@ structures and a KV head goes with its last query head (as in GISP).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.oneshot import taylor_scores
 from gisp.baselines.selection import uniform_mask
 from gisp.calibration import CalibrationSet
 from gisp.structures import Layout
 
 
-class LLMPruner(Method):
+class LLMPruner(MaskingMethod):
     name = "llm-pruner"
     nested = False
     reference = "LLM-Pruner (NeurIPS 2023) github horseee/LLM-Pruner hf_prune.py, block-wise taylor param_first"
@@ -42,19 +40,9 @@ class LLMPruner(Method):
         last = max(1, round(self.opts["last_fraction"] * n)) if self.opts["last_fraction"] > 0 else 0
         return Layout.from_model(model, self.opts["first_fraction"], min(last, n - 1))
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         scores = taylor_scores(model, layout, calib, self.opts["batch_size"], self.opts["autocast"])
         masks = [(s, uniform_mask(scores, layout, s)) for s in sparsities]
         details = {s: {"protected_layers": sorted(layout.protected)} for s in sparsities}
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds,
-                               details=details)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks, details=details)

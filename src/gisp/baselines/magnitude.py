@@ -10,33 +10,22 @@ no gradient. Nested: one ranking serves every level.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import global_masks
 from gisp.calibration import CalibrationSet
 from gisp.importance import MagnitudeImportance, normalize
+from gisp.structures import Layout
 
 
-class Magnitude(Method):
+class Magnitude(MaskingMethod):
     name = "magnitude"
     nested = True
     reference = "structured magnitude floor (cf. FLAP lib/prune.py prune_magnitude_sp); GISP's structures and norm"
     defaults = {"normalize": "params", "protect_first": 0.1, "protect_last": 1}
 
-    def run(self, model: nn.Module, calib: CalibrationSet | None, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         scores = normalize(MagnitudeImportance().scores(model, layout), layout, self.opts["normalize"])
-        levels = masked_levels(self, layout, global_masks(scores, layout, sparsities), model_info=info,
-                               calib=calib, seconds=timer.seconds)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(global_masks(scores, layout, sparsities))

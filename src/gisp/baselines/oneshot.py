@@ -11,12 +11,10 @@ one gradient pass serves them all.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from gisp.adapters import get_adapter
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import global_masks
 from gisp.calibration import CalibrationSet
 from gisp.importance import StructureScores, TaylorImportance, normalize, prunable_parameters
@@ -45,23 +43,14 @@ def taylor_scores(model: nn.Module, layout: Layout, calib: CalibrationSet, batch
         restore_grad_dtype(model)  # bf16 weights got fp32 gradients for the accumulation: undo
 
 
-class OneShot(Method):
+class OneShot(MaskingMethod):
     name = "oneshot"
     nested = True
     reference = "GISP paper's one-shot ablation (arXiv 2510.18030): gisp.prune with steps=1"
     defaults = {"normalize": "params", "protect_first": 0.1, "protect_last": 1, "autocast": "none", "batch_size": 8}
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         raw = taylor_scores(model, layout, calib, self.opts["batch_size"], self.opts["autocast"])
         masks = global_masks(normalize(raw, layout, self.opts["normalize"]), layout, sparsities)
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks)

@@ -19,14 +19,12 @@ then a one-channel top-up).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from gisp.adapters import get_adapter
 from gisp.baselines.activations import collect_input_stats
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.wanda_sp import sequential_uniform_masks
 from gisp.calibration import CalibrationSet
 from gisp.structures import Layout
@@ -64,20 +62,15 @@ def owl_layer_ratios(outliers: dict[int, float], layout: Layout, target: float, 
     return {i: float(min(max(uniform - float(sh), 0.0), 0.999)) for i, sh in zip(prunable, shift)}
 
 
-class OWL(Method):
+class OWL(MaskingMethod):
     name = "owl"
     nested = False
     reference = "OWL (ICML 2024) github luuyin/OWL lib/prune_all.py prune_wanda_outlier, on FLAP's Wanda-sp"
     defaults = {"m": 5.0, "lam": 0.08, "protect_first": 0.0, "protect_last": 0, "sequential": True,
                 "batch_size": 8}
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         outliers = outlier_ratios(model, layout, calib, self.opts["batch_size"], self.opts["m"])
         masks, details = sequential_uniform_masks(
             model, layout, calib, sparsities, self.opts["batch_size"], self.opts["sequential"],
@@ -85,9 +78,4 @@ class OWL(Method):
         )
         for d in details.values():
             d["outlier_ratios"] = outliers
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds,
-                               details=details)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks, details=details)

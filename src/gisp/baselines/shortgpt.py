@@ -17,30 +17,23 @@ layer count.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from gisp.baselines.activations import block_influence
-from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, masked_levels, model_info_of
+from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import layer_params
 from gisp.calibration import CalibrationSet
-from gisp.structures import Mask
+from gisp.structures import Layout, Mask
 
 
-class ShortGPT(Method):
+class ShortGPT(MaskingMethod):
     name = "shortgpt"
     nested = True
     reference = "ShortGPT (arXiv 2403.03853), block influence as in github sramshetty/ShortGPT metrics.py"
     defaults = {"protect_first": 0.0, "protect_last": 0, "batch_size": 8}
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         bi = block_influence(model, calib, self.opts["batch_size"])
         order = sorted(layout.prunable, key=lambda i: (bi[i], i))
         mask, pos, masks, details = Mask.dense(layout), 0, [], {}
@@ -59,9 +52,4 @@ class ShortGPT(Method):
                 pos += 1
             masks.append((s, mask))
             details[s] = {"removed_layers": sorted(order[:pos]), "block_influence": bi}
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds,
-                               details=details)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks, details=details)

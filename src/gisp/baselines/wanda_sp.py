@@ -26,16 +26,7 @@ from torch import nn
 
 from gisp.adapters import get_adapter
 from gisp.baselines.activations import LayerwiseRunner, collect_input_stats, input_hooks, projection_inputs
-from gisp.baselines.base import (
-    Level,
-    Method,
-    OnLevel,
-    Timer,
-    WeightSnapshot,
-    check_sparsities,
-    masked_levels,
-    model_info_of,
-)
+from gisp.baselines.base import MaskingMethod, Masks, WeightSnapshot
 from gisp.baselines.selection import layer_budgets, select_in_layer, top_up
 from gisp.calibration import CalibrationSet
 from gisp.structures import Layout, Mask
@@ -99,23 +90,14 @@ def sequential_uniform_masks(model: nn.Module, layout: Layout, calib: Calibratio
     return out, details
 
 
-class WandaSP(Method):
+class WandaSP(MaskingMethod):
     name = "wanda-sp"
     nested = False
     reference = "FLAP (AAAI 2024) lib/prune.py prune_wanda_sp, github CASIA-IVA-Lab/FLAP; Wanda, locuslab/wanda"
     defaults = {"protect_first": 0.0, "protect_last": 0, "sequential": True, "batch_size": 8}
 
-    def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,
-            model_info: dict[str, Any] | None = None, run_dir: str | None = None, progress: bool = False,
-            on_level: OnLevel | None = None) -> list[Level]:
-        timer = Timer()
-        layout = self.layout(model)
-        sparsities = check_sparsities(sparsities, layout)
-        info = model_info_of(model, model_info, layout)
+    def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
+              sparsities: list[float]) -> Masks:
         masks, _ = sequential_uniform_masks(model, layout, calib, sparsities, self.opts["batch_size"],
                                             self.opts["sequential"])
-        levels = masked_levels(self, layout, masks, model_info=info, calib=calib, seconds=timer.seconds)
-        for level in levels:
-            if on_level:
-                on_level(level)
-        return levels
+        return Masks(masks)
