@@ -15,9 +15,11 @@ def gisp_cli(*args, cwd=None):
 def test_prune_then_eval(tiny_dir, tmp_path):
     run = tmp_path / "run"
     r = gisp_cli("prune", tiny_dir, "--out", run, "--calib", "c4", "--calib-samples", 4, "--seq-len", 32,
-                 "--steps", 3, "--target", 0.4, "--protect-first", 0.2)
+                 "--steps", 3, "--target", 0.4, "--protect-first", 0.2, "--shrink-every", 2)
     assert r.returncode == 0, r.stderr
     traj = json.loads((run / "trajectory.json").read_text())
+    assert traj["config"]["shrink_every"] == 2  # step 3 ran on a sliced copy
+    assert traj["steps"][3]["work_params"] < traj["steps"][1]["work_params"]
     assert traj["completed"] and traj["calibration"]["name"] == "c4" and traj["calibration"]["part"] == "calib"
     assert traj["model"]["fingerprint"] and traj["versions"]["torch"]
     out = tmp_path / "e.json"
@@ -38,6 +40,7 @@ def test_prune_then_eval(tiny_dir, tmp_path):
     (("prune", "no-such-model", "--out", "x"), "unknown model"),
     (("prune", "smollm2-135m", "--out", "x", "--target", "1.2"), "target sparsity must be in (0, 1)"),
     (("eval", "missing_dir_xyz", "--sparsity", "0.2"), "unknown model"),
+    (("prune", "smollm2-135m", "--out", "x", "--shrink-every", "-1"), "--shrink-every must be 0"),
     (("eval", "smollm2-135m", "--sparsity", "a,b"), "comma-separated"),
 ])
 def test_errors_are_one_line(args, match, tmp_path):
