@@ -191,6 +191,18 @@ def describe_calibration(prov: dict[str, Any]) -> str:
             f"{prov.get('name')} ({prov.get('documents')} documents, {prov.get('tokens')} tokens)")
 
 
+def mc_rows(evals: dict[str, dict[str, Any]], levels: list[float], run: str) -> list[str]:
+    """One table row per level: lm's and ``run``'s mean accuracy and their paired difference."""
+    rows = []
+    for lv in levels:
+        a, b = evals[f"lm@{lv:.2f}"], evals[f"{run}@{lv:.2f}"]
+        diff, se = mc_diff(b["results"], a["results"])
+        rows.append(f"| {lv:.0%} (measured {a['sparsity']:.3f} / {b['sparsity']:.3f}) | "
+                    f"{pm(*mc_mean(a['results']))} | {pm(*mc_mean(b['results']))} | {pm(diff, se)} | "
+                    f"{abs(diff) / se:.1f} |")
+    return rows
+
+
 def pm(v: float, se: float, digits: int = 3) -> str:
     return f"{v:.{digits}f} ± {se:.{digits}f}"
 
@@ -231,23 +243,13 @@ def summarise(args, evals: dict[str, dict[str, Any]], runs: dict[str, gisp.Traje
               "| sparsity | lm (c4) | margin (cmqa) | margin - lm | |diff|/SE |", "|---|---|---|---|---|"]
     d_mean, d_se = mc_mean(dense)
     lines.append(f"| dense | {pm(d_mean, d_se)} | {pm(d_mean, d_se)} | - | - |")
-    for lv in levels:
-        a, b = evals[f"lm@{lv:.2f}"], evals[f"margin@{lv:.2f}"]
-        diff, se = mc_diff(b["results"], a["results"])
-        lines.append(f"| {lv:.0%} (measured {a['sparsity']:.3f} / {b['sparsity']:.3f}) | "
-                     f"{pm(*mc_mean(a['results']))} | {pm(*mc_mean(b['results']))} | {pm(diff, se)} | "
-                     f"{abs(diff) / se:.1f} |")
+    lines += mc_rows(evals, levels, "margin")
     if "margin_big" in runs:
         big = args.margin_big_samples * args.margin_seq_len
         lines += ["", f"The same with a {big}-token cmqa budget for margin ({args.margin_big_samples} x "
                   f"{args.margin_seq_len}; {describe_calibration(runs['margin_big'].calibration)}):", "",
                   "| sparsity | lm (c4) | margin, larger budget | difference | |diff|/SE |", "|---|---|---|---|---|"]
-        for lv in levels:
-            a, b = evals[f"lm@{lv:.2f}"], evals[f"margin_big@{lv:.2f}"]
-            diff, se = mc_diff(b["results"], a["results"])
-            lines.append(f"| {lv:.0%} (measured {a['sparsity']:.3f} / {b['sparsity']:.3f}) | "
-                         f"{pm(*mc_mean(a['results']))} | {pm(*mc_mean(b['results']))} | {pm(diff, se)} | "
-                         f"{abs(diff) / se:.1f} |")
+        lines += mc_rows(evals, levels, "margin_big")
     six = [t for t in TASKS if t != "boolq"]
     rates = {k: yes_rate(e["results"]) for k, e in evals.items() if "boolq" in e["results"]}
     gold_yes = sum(p["gold"] == 1 for p in dense["boolq"]["per_item"]) / len(dense["boolq"]["per_item"])
