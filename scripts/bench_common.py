@@ -95,6 +95,16 @@ def write_section(name: str, body: str, raw: dict[str, Any], json_path: str | No
     return DOC
 
 
+def publish(name: str, body: str, raw: dict[str, Any], args: Any) -> None:
+    """Write this benchmark's doc section (and ``--json``), or only the JSON with ``--no-doc``."""
+    if not args.no_doc:
+        print(f"wrote {write_section(name, body, raw, args.json)}")
+    elif args.json:
+        from gisp.provenance import atomic_write_json
+
+        atomic_write_json(args.json, raw)
+
+
 def last_json_line(stdout: str) -> dict[str, Any]:
     """A child process's result: the last stdout line that parses as JSON."""
     for line in reversed(stdout.strip().splitlines()):

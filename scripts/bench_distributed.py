@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, command, machine, machine_block, md_table, write_section  # noqa: E402
+from bench_common import ROOT, command, machine, machine_block, md_table, publish, write_section  # noqa: E402
 
 STRUCTURE = ("head_step", "channel_step", "head_order", "channel_order")
 
@@ -122,12 +122,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(compare(cfg, Path(tmp)))
     raw = {"machine": info, "command": command(), "seconds": time.perf_counter() - t_start, "results": results}
-    if not args.no_doc:
-        print(f"wrote {write_section('distributed', report(raw), raw, args.json)}")
-    elif args.json:
-        from gisp.provenance import atomic_write_json
-
-        atomic_write_json(args.json, raw)
+    publish("distributed", report(raw), raw, args)
 
 
 def report(raw: dict) -> str:

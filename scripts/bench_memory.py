@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, command, last_json_line, machine, machine_block, md_table, write_section  # noqa: E402
+from bench_common import ROOT, command, last_json_line, machine, machine_block, md_table, publish, write_section  # noqa: E402
 
 GIB = 2**30
 # (weights dtype, grad_accum_dtype, grad checkpointing, micro-batch)
@@ -190,12 +190,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     body = report(results, info, command(), seconds, args.samples, seq_len)
     raw = {"machine": info, "command": command(), "seconds": seconds, "results": results}
-    if not args.no_doc:
-        print(f"wrote {write_section('memory', body, raw, args.json)}")
-    elif args.json:
-        from gisp.provenance import atomic_write_json
-
-        atomic_write_json(args.json, raw)
+    publish("memory", body, raw, args)
 
 
 if __name__ == "__main__":

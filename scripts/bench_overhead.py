@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, command, machine, machine_block, md_table, median, write_section  # noqa: E402
+from bench_common import ROOT, command, machine, machine_block, md_table, median, publish  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -211,12 +211,7 @@ def main() -> None:
     raw = {"machine": info, "command": command(), "floor_s": floor, "steps": steps, "select": sel,
            "masking": masking, "overhead_vs_gradient": over_grad, "step_vs_floor": over_floor}
     print(f"median overhead {100 * statistics.median(over_grad):.2f}% of the gradient pass", flush=True)
-    if not args.no_doc:
-        print(f"wrote {write_section('overhead', body, raw, args.json)}")
-    elif args.json:
-        from gisp.provenance import atomic_write_json
-
-        atomic_write_json(args.json, raw)
+    publish("overhead", body, raw, args)
 
 
 if __name__ == "__main__":

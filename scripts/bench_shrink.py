@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import command, machine, machine_block, md_table, median, write_section  # noqa: E402
+from bench_common import command, machine, machine_block, md_table, median, publish  # noqa: E402
 
 
 def agreement(a, b) -> tuple[float, bool]:
@@ -116,8 +116,7 @@ def main() -> None:
         "",
         machine_block(info, command(), time.perf_counter() - t_start),
     ])
-    if not args.no_doc:
-        print(f"wrote {write_section('shrink', body, raw, args.json)}")
+    publish("shrink", body, raw, args)
     print(body)
 
 

@@ -111,7 +111,7 @@ def method_options(name: str, cfg: CompareConfig) -> dict[str, Any]:
         opts["batch_size"] = cfg.batch_size
     if "autocast" in defaults:
         opts["autocast"] = cfg.autocast
-    if isinstance(METHODS[name], type) and issubclass(METHODS[name], GISP):
+    if issubclass(METHODS[name], GISP):
         opts["steps"] = cfg.steps
     if name == "random":
         opts["seed"] = cfg.seed

@@ -44,7 +44,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,9 @@ from gisp.errors import GispError
 from gisp.provenance import atomic_write_text, versions
 from gisp.structures import Layout, Mask
 from gisp.trajectory import Trajectory
+
+if TYPE_CHECKING:  # gisp.baselines imports this module
+    from gisp.baselines.compensation import Compensation
 
 EXPORT_FILE = "gisp_export.json"
 EXPORT_FORMAT = 1
@@ -848,7 +851,7 @@ def _config_with_biases(config: Any) -> Any:
 
 @torch.no_grad()
 def compensation_biases(model: nn.Module, plans: Sequence[LayerPlan], state: dict[str, torch.Tensor],
-                        compensation: Any) -> dict[str, torch.Tensor]:
+                        compensation: Compensation) -> dict[str, torch.Tensor]:
     """Bias tensors of a compensated export: zero q/k/v/gate/up biases, o_proj/down_proj biases equal to
     the compensation (added to any bias the base model has), and the same for fully removed blocks."""
     adapter = get_adapter(model)
@@ -882,7 +885,7 @@ def compensation_biases(model: nn.Module, plans: Sequence[LayerPlan], state: dic
 
 
 def slim_model(model: nn.Module, mask: Mask, *, gqa: str = "map", dtype: torch.dtype | None = None,
-               compensation: Any = None) -> nn.Module:
+               compensation: Compensation | None = None) -> nn.Module:
     """A physically smaller copy of ``model`` keeping exactly ``mask``'s structures (the model is untouched).
 
     ``compensation`` (:class:`gisp.baselines.Compensation`, FLAP) becomes real o_proj/down_proj biases:
@@ -1084,7 +1087,7 @@ def save_slim(
     record: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    compensation: Any = None,
+    compensation: Compensation | None = None,
 ) -> tuple[Path, nn.Module]:
     """Slice ``model`` by ``mask`` and write the directory atomically (temp dir, then rename)."""
     out = Path(out).expanduser()

@@ -50,22 +50,30 @@ def _elementwise(p: nn.Parameter, use_grad: bool) -> torch.Tensor:
     return (w * p.grad.detach().float()).abs()
 
 
+def head_sums(att, num_heads: int, head_dim: int, mha: bool, use_grad: bool) -> torch.Tensor:
+    """Per-head sum over its q rows and o columns (and k/v rows for MHA) of ``|w|`` or ``|w * grad|``."""
+    hs = _elementwise(att.q.weight, use_grad).view(num_heads, head_dim, -1).sum(dim=(1, 2))
+    hs += _elementwise(att.o.weight, use_grad).view(-1, num_heads, head_dim).sum(dim=(0, 2))
+    if mha:  # k/v rows belong to the head too
+        hs += _elementwise(att.k.weight, use_grad).view(num_heads, head_dim, -1).sum(dim=(1, 2))
+        hs += _elementwise(att.v.weight, use_grad).view(num_heads, head_dim, -1).sum(dim=(1, 2))
+    return hs.double().cpu()
+
+
+def channel_sums(mlp, use_grad: bool) -> torch.Tensor:
+    """Per-channel sum over its gate/up rows and down column of ``|w|`` or ``|w * grad|``."""
+    cs = _elementwise(mlp.gate.weight, use_grad).sum(dim=1)
+    cs += _elementwise(mlp.up.weight, use_grad).sum(dim=1)
+    cs += _elementwise(mlp.down.weight, use_grad).sum(dim=0)
+    return cs.double().cpu()
+
+
 def _structure_sums(model: nn.Module, layout: Layout, adapter: ArchAdapter, use_grad: bool) -> StructureScores:
     heads, channels = [], []
     for i, layer in enumerate(adapter.layers(model)):
         s = layout.layers[i]
-        att, mlp = adapter.attention(layer), adapter.mlp(layer)
-        d, nh = s.head_dim, s.num_heads
-        hs = _elementwise(att.q.weight, use_grad).view(nh, d, -1).sum(dim=(1, 2))
-        hs += _elementwise(att.o.weight, use_grad).view(-1, nh, d).sum(dim=(0, 2))
-        if not s.is_gqa:  # MHA: k/v rows belong to the head too
-            hs += _elementwise(att.k.weight, use_grad).view(nh, d, -1).sum(dim=(1, 2))
-            hs += _elementwise(att.v.weight, use_grad).view(nh, d, -1).sum(dim=(1, 2))
-        cs = _elementwise(mlp.gate.weight, use_grad).sum(dim=1)
-        cs += _elementwise(mlp.up.weight, use_grad).sum(dim=1)
-        cs += _elementwise(mlp.down.weight, use_grad).sum(dim=0)
-        heads.append(hs.double().cpu())
-        channels.append(cs.double().cpu())
+        heads.append(head_sums(adapter.attention(layer), s.num_heads, s.head_dim, not s.is_gqa, use_grad))
+        channels.append(channel_sums(adapter.mlp(layer), use_grad))
     return StructureScores(heads, channels)
 
 

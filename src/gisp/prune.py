@@ -433,6 +433,7 @@ def prune(
     bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not (progress and main),
                unit="step")
     every = config.shrink_every
+    model_params = sum(p.numel() for p in model.parameters())
     shrunk: ShrunkModel | None = None
     work_ctx = contextlib.ExitStack()
     try:
@@ -445,7 +446,7 @@ def prune(
                     shrunk = ShrunkModel(model, mask, layout)
                     for p in (*model.parameters(), *shrunk.model.parameters()):
                         p.requires_grad_(False)
-                    for p in shrunk.prunable_parameters():
+                    for p in shrunk.prunable:
                         p.requires_grad_(True)
                     work_ctx = contextlib.ExitStack()
                     work_ctx.enter_context(activation_checkpointing(shrunk.model, config.grad_checkpointing))
@@ -453,7 +454,7 @@ def prune(
                 t_shrink = time.perf_counter() - t0
                 work.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
-                if shrunk is None or shrunk.prunable_parameters():
+                if shrunk is None or shrunk.prunable:
                     loss = accumulate_gradients(work, objective, calib, config.batch_size, config.autocast,
                                                 grad_accum_dtype=config.grad_accum_dtype)
                 else:  # the sliced copy has no prunable block left: nothing to score, the loss still counts
@@ -497,7 +498,7 @@ def prune(
                     "channels_removed": sum(int((~c).sum()) for c in mask.channels),
                 }
                 if every:
-                    rec["work_params"] = sum(p.numel() for p in work.parameters())
+                    rec["work_params"] = model_params if shrunk is None else shrunk.params
                 t5 = time.perf_counter()
                 rec.update({"seconds": t5 - t0 + t_shrink, "gradient_seconds": t1 - t0, "timing": {
                     "processes": world, "scoring": t2 - t1, "selection": t3 - t2, "masking": t4 - t3,

@@ -27,7 +27,7 @@ from torch import nn
 
 from gisp.adapters import get_adapter
 from gisp.errors import GispError
-from gisp.importance import StructureScores
+from gisp.importance import StructureScores, channel_sums, head_sums
 from gisp.ranking import Pick
 from gisp.structures import Layout, Mask
 
@@ -55,7 +55,6 @@ class ShrunkModel:
                             "drop --shrink-every")
         adapter = get_adapter(base)
         self.layout = layout
-        self.adapter = adapter
         self.model = slim_model(base, mask, gqa="map").to(next(base.parameters()).device)
         self.model.eval()
         self.slots: list[_Slot] = []
@@ -67,9 +66,10 @@ class ShrunkModel:
                                     {h: j for j, h in enumerate(plan.heads)},
                                     {c: j for j, c in enumerate(plan.channels)}))
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.prunable = self._prunable()
+        """The working copy's projection weights of unprotected layers (empty once all are sliced away)."""
 
-    def prunable_parameters(self) -> list[nn.Parameter]:
-        """The working copy's projection weights of unprotected layers."""
+    def _prunable(self) -> list[nn.Parameter]:
         out: list[nn.Parameter] = []
         for i, slot in enumerate(self.slots):
             if i in self.layout.protected:
@@ -88,18 +88,10 @@ class ShrunkModel:
         for s, slot in zip(self.layout.layers, self.slots, strict=True):
             hs = torch.zeros(s.num_heads, dtype=torch.float64)
             cs = torch.zeros(s.intermediate, dtype=torch.float64)
-            if slot.attn is not None and len(slot.heads):
-                d, n = s.head_dim, len(slot.heads)
-                h = _wg(slot.attn.q.weight).view(n, d, -1).sum(dim=(1, 2))
-                h += _wg(slot.attn.o.weight).view(-1, n, d).sum(dim=(0, 2))
-                if not s.is_gqa:  # MHA: the kept heads are their own KV heads, in the same order
-                    h += _wg(slot.attn.k.weight).view(n, d, -1).sum(dim=(1, 2))
-                    h += _wg(slot.attn.v.weight).view(n, d, -1).sum(dim=(1, 2))
-                hs[slot.heads] = h.double().cpu()
+            if slot.attn is not None and len(slot.heads):  # MHA: kept heads are their own KV heads, same order
+                hs[slot.heads] = head_sums(slot.attn, len(slot.heads), s.head_dim, not s.is_gqa, use_grad=True)
             if slot.mlp is not None and len(slot.channels):
-                c = _wg(slot.mlp.gate.weight).sum(dim=1) + _wg(slot.mlp.up.weight).sum(dim=1)
-                c += _wg(slot.mlp.down.weight).sum(dim=0)
-                cs[slot.channels] = c.double().cpu()
+                cs[slot.channels] = channel_sums(slot.mlp, use_grad=True)
             heads.append(hs)
             channels.append(cs)
         return StructureScores(heads, channels)
@@ -129,9 +121,3 @@ class ShrunkModel:
                         proj.bias[j].zero_()
                 slot.mlp.down.weight[:, j].zero_()
 
-
-def _wg(p: nn.Parameter) -> torch.Tensor:
-    w = p.detach().float()
-    if p.grad is None:
-        return torch.zeros_like(w)
-    return (w * p.grad.detach().float()).abs()
