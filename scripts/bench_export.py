@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _text_ids(tokenizer, n: int) -> torch.Tensor:
-    from gisp.data import token_stream
+    from gisp.core.data import token_stream
 
     stream, _ = token_stream("wiki", "eval", tokenizer)
     return stream[:n].unsqueeze(0)
@@ -167,7 +167,7 @@ def _measure_in_subprocess(path: Path, args) -> dict:
 
 def run_benchmark(args) -> None:
     import gisp
-    from gisp.calibration import build_calibration
+    from gisp.core.calibration import build_calibration
     from gisp.provenance import atomic_write_json, atomic_write_text, versions
 
     started = time.time()

@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, command, last_json_line, machine, machine_block, md_table, publish, write_section  # noqa: E402
 
+from gisp.architectures import get_architecture, layout_of
+
 GIB = 2**30
 # (weights dtype, grad_accum_dtype, grad checkpointing, micro-batch)
 CONFIGS = [
@@ -53,7 +55,6 @@ def child(cfg: dict) -> dict:
     import gisp
     from gisp import memory
     from gisp.prune import PruneConfig, prune
-    from gisp.structures import Layout
 
     device = torch.device(cfg["device"])
     gc.collect()
@@ -68,7 +69,7 @@ def child(cfg: dict) -> dict:
     after_load = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.rss_bytes()
     config = PruneConfig(target=0.5, steps=112, calib_samples=cfg["samples"], seq_len=cfg["seq_len"],
                          batch_size=cfg["batch"], grad_checkpointing=cfg["ckpt"], grad_accum_dtype=cfg["accum"])
-    layout = Layout.from_model(model, config.protect_first, config.protect_last)
+    layout = layout_of(model, config.protect_first, config.protect_last)
     weights = memory.weight_bytes(model)
     grads = memory.grad_bytes(model, layout, cfg["accum"])
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def child(cfg: dict) -> dict:
     return {
         **cfg, "weight_bytes": weights, "grad_bytes": grads, "baseline_bytes": base, "loaded_bytes": after_load,
         "peak_bytes": pm.peak, "peak_source": pm.source, "resettable": pm.resettable,
-        "prunable_fraction": sum(p.numel() for p in gisp.importance.prunable_parameters(model, layout))
+        "prunable_fraction": sum(p.numel() for p in get_architecture(model).prunable_parameters(model, layout))
         / sum(p.numel() for p in model.parameters()),
         "breakdown": memory.breakdown(pm.peak, base, weights, grads),
         "model_share": (after_load - base) / weights,

@@ -26,12 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, command, machine, machine_block, md_table, median, publish  # noqa: E402
 
+from gisp.architectures import apply_mask, layout_of
+
 sys.path.insert(0, str(ROOT))
 
 
 def plain_pass(model: torch.nn.Module, samples: list[torch.Tensor], batch: int) -> float:
     """The floor: forward+backward of the mean next-token loss, micro-batched, nothing else."""
-    from gisp.objectives import token_nll
+    from gisp.core.objectives import token_nll
 
     t0 = time.perf_counter()
     n = len(samples)
@@ -45,7 +47,7 @@ def plain_pass(model: torch.nn.Module, samples: list[torch.Tensor], batch: int) 
 
 
 def layouts() -> dict[str, object]:
-    from gisp.structures import LayerShape, Layout
+    from gisp.core.structures import LayerShape, Layout
 
     def lay(layers: int, heads: int, kv: int, hidden: int, inter: int) -> Layout:
         shapes = tuple(LayerShape(heads, kv, hidden // heads, hidden, inter) for _ in range(layers))
@@ -59,9 +61,9 @@ def layouts() -> dict[str, object]:
 def time_select(reps: int, with_reference: bool) -> list[dict]:
     from tests.test_memory import _reference_select
 
-    from gisp.importance import StructureScores
-    from gisp.ranking import select
-    from gisp.structures import Mask
+    from gisp.core.importance import StructureScores
+    from gisp.core.ranking import select
+    from gisp.core.structures import Mask
 
     out = []
     for name, layout in layouts().items():
@@ -89,11 +91,11 @@ def time_select(reps: int, with_reference: bool) -> list[dict]:
 
 def time_masking(model: torch.nn.Module, reps: int) -> dict:
     """Full re-application of a 25%-sparse mask vs the incremental update of one step's picks."""
-    from gisp.importance import StructureScores
-    from gisp.ranking import apply_picks, select
-    from gisp.structures import Layout, Mask
+    from gisp.core.importance import StructureScores
+    from gisp.core.ranking import apply_picks, select
+    from gisp.core.structures import Mask
 
-    layout = Layout.from_model(model, 0.1, 1)
+    layout = layout_of(model, 0.1, 1)
     g = torch.Generator().manual_seed(1)
     scores = StructureScores([torch.rand(s.num_heads, generator=g, dtype=torch.float64) for s in layout.layers],
                              [torch.rand(s.intermediate, generator=g, dtype=torch.float64) for s in layout.layers])
@@ -103,10 +105,10 @@ def time_masking(model: torch.nn.Module, reps: int) -> dict:
     with torch.no_grad():
         for _ in range(reps):
             t0 = time.perf_counter()
-            new.apply(model)
+            apply_mask(model, new)
             full.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            new.apply(model, since=old)
+            apply_mask(model, new, since=old)
             inc.append(time.perf_counter() - t0)
     return {"full_s": median(full), "incremental_s": median(inc)}
 
@@ -129,9 +131,8 @@ def main() -> None:
     info = machine()
 
     import gisp
-    from gisp.importance import prunable_parameters
+    from gisp.architectures import layout_of
     from gisp.prune import PruneConfig, prune
-    from gisp.structures import Layout
 
     loaded = gisp.load_model("smollm2-135m", dtype=args.dtype, device="cpu")
     model = loaded.model
@@ -141,7 +142,8 @@ def main() -> None:
     def same_gradients_as_gisp() -> None:  # the floor needs the same gradients as GISP, no more
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in prunable_parameters(model, Layout.from_model(model, config.protect_first, config.protect_last)):
+        arch = gisp.get_architecture(model)
+        for p in arch.prunable_parameters(model, layout_of(model, config.protect_first, config.protect_last)):
             p.requires_grad_(True)
 
     same_gradients_as_gisp()

@@ -18,7 +18,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from gisp.calibration import CalibrationSet
+from gisp.core.calibration import CalibrationSet
 
 VOCAB = 97
 ARCHS = {

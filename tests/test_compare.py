@@ -9,6 +9,7 @@ from tests.conftest import VOCAB, CharTokenizer, tiny_model
 
 import gisp
 import gisp.compare as compare_mod
+from gisp.architectures import apply_mask
 from gisp.compare import CompareConfig, compare
 from gisp.loading import LoadedModel
 
@@ -78,7 +79,7 @@ def test_compensation_changes_flaps_evaluation(done):
     row = next(r for r in res["rows"] if r["method"] == "flap" and r["requested_sparsity"] == 0.4)
     level = compare_mod.Store(out).load_level("flap", 0.4)
     model = tiny_model("llama", 2)
-    level.mask.apply(model)
+    apply_mask(model, level.mask)
     cfg = config(out)
     plain = compare_mod.evaluate_model(model, TOKENIZER, cfg, False)["ppl"]["ppl"]
     with gisp.baselines.apply_compensation(model, level.compensation):
@@ -92,7 +93,7 @@ def test_flap_compensation_survives_export_and_gisp_eval(done, tmp_path, monkeyp
     out, res = done
     level = compare_mod.Store(out).load_level("flap", 0.4)
     masked = tiny_model("llama", 2)
-    level.mask.apply(masked)
+    apply_mask(masked, level.mask)
     ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), gisp.baselines.apply_compensation(masked, level.compensation):
         want = masked(ids).logits
@@ -105,7 +106,7 @@ def test_flap_compensation_survives_export_and_gisp_eval(done, tmp_path, monkeyp
     assert (got - want).abs().max() < 1e-4
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
 
-    ev = sys.modules["gisp.evaluate"]  # the module (gisp.evaluate is also the function's name)
+    ev = sys.modules["gisp.evaluation.evaluate"]  # the module (gisp.evaluation.evaluate is also the function's name)
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: loaded())
     row = ev.evaluate(out / "methods" / "flap", [0.4], ppl="wiki", window=24, max_windows=3, progress=False)["rows"][0]
     flap = next(r for r in res["rows"] if r["method"] == "flap" and r["requested_sparsity"] == 0.4)

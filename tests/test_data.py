@@ -3,7 +3,7 @@
 import torch
 from tests.conftest import CharTokenizer
 
-from gisp.data import consecutive_windows, random_windows, read_documents, token_stream
+from gisp.core.data import consecutive_windows, random_windows, read_documents, token_stream
 
 
 def test_packaged_corpora_split_disjoint():

@@ -14,7 +14,7 @@ from tests.conftest import random_calib, tiny_model
 
 import gisp
 from gisp import distributed
-from gisp.ranking import Pick
+from gisp.core.ranking import Pick
 
 WORKER = Path(__file__).with_name("_dist_prune_worker.py")
 CFG = dict(target=0.5, steps=4, batch_size=2, protect_first=0.25, protect_last=1)
@@ -70,7 +70,7 @@ def _accelerate() -> str | None:
 @pytest.mark.skipif(_accelerate() is None, reason="accelerate CLI not installed")
 def test_cli_under_accelerate_launch_equals_in_process_run(tiny_dir, tmp_path):
     """`accelerate launch -m gisp prune ...`: the CLI path (process group from env, rank-0 output)."""
-    from gisp.calibration import build_calibration
+    from gisp.core.calibration import build_calibration
 
     args = dict(calib="c4", calib_samples=5, seq_len=32, steps=3, target=0.4, protect_first=0.2, batch_size=2)
     cli = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]

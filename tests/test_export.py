@@ -12,10 +12,13 @@ from tests.conftest import VARIANTS, VOCAB, random_calib, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import gisp
+from gisp.architectures import apply_mask, layout_of
+from gisp.architectures.slicing import count_params, plan_layers
+from gisp.core.fingerprint import fingerprint
+from gisp.core.structures import Mask
+from gisp.deploy.export import save_slim
+from gisp.deploy.levels import levels, parse_params
 from gisp.errors import GispError
-from gisp.export import count_params, levels, parse_params, plan_layers, save_slim
-from gisp.loading import fingerprint
-from gisp.structures import Layout, Mask
 from gisp.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25)
@@ -40,13 +43,13 @@ def pruned(arch: str = "llama", kv: int = 2, layers: int = 6) -> tuple[torch.nn.
 
 def masked(base: torch.nn.Module, mask: Mask) -> torch.nn.Module:
     ref = copy.deepcopy(base)
-    mask.apply(ref)
+    apply_mask(ref, mask)
     return ref
 
 
 def hand_trajectory(base: torch.nn.Module, head_steps: dict, channel_steps: dict, last: int = 2) -> Trajectory:
     """A trajectory whose per-structure removal steps are given by hand ({layer: [step per head]})."""
-    layout = Layout.from_model(base)
+    layout = layout_of(base)
     traj = Trajectory.start(layout, {}, {"name": "model", "fingerprint": fingerprint(base)}, {}, {})
     for i, st in head_steps.items():
         traj.head_step[i] = list(st)
@@ -106,7 +109,7 @@ def test_export_is_exact_loadable_and_counted(arch, kv, tmp_path):
 
 def _forced_mask(base: torch.nn.Module) -> Mask:
     """Layer 0: no attention; 1: uneven GQA groups (2, 1), fewer channels; 2: no MLP; 3: nothing left."""
-    layout = Layout.from_model(base)
+    layout = layout_of(base)
     mask = Mask.dense(layout)
     mask.heads[0][:] = False
     mask.heads[1] = torch.tensor([True, True, False, True])
@@ -158,14 +161,14 @@ def test_removed_blocks_keep_their_output_bias(tmp_path):
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.2)
-    mask = Mask.dense(Layout.from_model(base))
+    mask = Mask.dense(layout_of(base))
     mask.heads[1][:] = False
     mask.channels[1][:] = False
     mask.heads[2] = torch.tensor([False, True, True, True])
     path, _ = save_slim(base, mask, tmp_path / "b")
     loaded = gisp.load_pretrained(path).model
     assert max_diff(loaded, masked(base, mask), ids()) <= TOL
-    layout = Layout.from_model(base)
+    layout = layout_of(base)
     assert n_params(loaded) == count_params(base, layout, plan_layers(mask, layout))
 
 
@@ -196,7 +199,7 @@ def test_uniform_export_is_a_plain_checkpoint(tmp_path):
 
 def test_equal_widths_everywhere_give_a_plain_checkpoint(tmp_path):
     base = tiny_model("mistral", 2, layers=3)
-    mask = Mask.dense(Layout.from_model(base))
+    mask = Mask.dense(layout_of(base))
     for i in range(3):
         mask.heads[i] = torch.tensor([True, False, True, False])
         mask.channels[i][i : i + 48] = False  # same width, different channels
@@ -341,7 +344,7 @@ def test_cli_lists_and_exports(tmp_path, tiny_dir):
 
 @pytest.mark.integration
 def test_smollm2_exports_are_exact_and_counted(smollm2, tmp_path):
-    from gisp.calibration import build_calibration
+    from gisp.core.calibration import build_calibration
 
     base = smollm2.model
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
@@ -355,7 +358,7 @@ def test_smollm2_exports_are_exact_and_counted(smollm2, tmp_path):
     ref = copy.deepcopy(base)
     for s in (0.1, 0.3):  # nested masks: the second is applied on top of the first
         res = gisp.export(run, tmp_path / f"s{s}", model=base, tokenizer=smollm2.tokenizer, sparsity=s)
-        traj.mask_at_step(res.step).apply(ref)
+        apply_mask(ref, traj.mask_at_step(res.step))
         loaded = gisp.load_pretrained(res.path)
         assert max_diff(loaded.model, ref, x) <= TOL
         assert res.params == n_params(loaded.model) == listing[res.step].params < n_params(base)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from tests.conftest import VARIANTS, random_calib, tiny_model
 
-from gisp.importance import MagnitudeImportance, TaylorImportance, normalize, prunable_parameters
-from gisp.objectives import LanguageModelling
+from gisp.architectures import get_architecture, layout_of
+from gisp.core.importance import MagnitudeImportance, TaylorImportance, normalize
+from gisp.core.objectives import LanguageModelling
 from gisp.prune import accumulate_gradients
-from gisp.structures import Layout
 
 
 def brute_force_scores(model, calib):
@@ -52,12 +52,12 @@ def brute_force_scores(model, calib):
 def test_taylor_scores_match_brute_force(arch, kv):
     model = tiny_model(arch, kv)
     calib = random_calib(n=7)
-    layout = Layout.from_model(model)  # no protection: every layer gets gradients
-    for p in prunable_parameters(model, layout):
+    layout = layout_of(model)  # no protection: every layer gets gradients
+    for p in get_architecture(model).prunable_parameters(model, layout):
         p.requires_grad_(True)
     # uneven micro-batches (3+3+1) must give the same mean gradient as one big batch
     accumulate_gradients(model, LanguageModelling(), calib, batch_size=3)
-    scores = TaylorImportance().scores(model, layout)
+    scores = TaylorImportance().scores(model, layout, get_architecture(model))
     ref_h, ref_c = brute_force_scores(model, calib)
     for i in range(layout.num_layers):
         torch.testing.assert_close(scores.heads[i], ref_h[i], rtol=1e-4, atol=1e-9)
@@ -66,8 +66,8 @@ def test_taylor_scores_match_brute_force(arch, kv):
 
 def test_normalisation_modes():
     model = tiny_model("llama", 2)
-    layout = Layout.from_model(model)
-    raw = MagnitudeImportance().scores(model, layout)
+    layout = layout_of(model)
+    raw = MagnitudeImportance().scores(model, layout, get_architecture(model))
     s = layout.layers[0]
     p = normalize(raw, layout, "params")
     r = normalize(raw, layout, "reference")
@@ -80,8 +80,8 @@ def test_normalisation_modes():
 
 def test_only_prunable_weights_get_gradients():
     model = tiny_model("llama", 2)
-    layout = Layout.from_model(model, protect_first=0.25, protect_last=1)
-    params = {id(p) for p in prunable_parameters(model, layout)}
+    layout = layout_of(model, protect_first=0.25, protect_last=1)
+    params = {id(p) for p in get_architecture(model).prunable_parameters(model, layout)}
     assert len(params) == 7 * 2  # 4 layers, first and last protected
     names = [n for n, p in model.named_parameters() if id(p) in params]
     assert all(".layers.1." in n or ".layers.2." in n for n in names)

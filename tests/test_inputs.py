@@ -4,8 +4,8 @@ import pytest
 from tests.conftest import CharTokenizer, tiny_model
 
 import gisp
-from gisp.data import random_windows, token_stream
-from gisp.structures import protected_layers
+from gisp.core.data import random_windows, token_stream
+from gisp.core.structures import protected_layers
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5])
@@ -35,7 +35,7 @@ def test_unsupported_architecture():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(gisp.GispError, match="unsupported architecture 'gpt2'.*llama"):
-        gisp.get_adapter(model)
+        gisp.get_architecture(model)
 
 
 def test_calibration_text_too_short(tmp_path):

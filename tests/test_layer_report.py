@@ -8,10 +8,11 @@ import torch
 from tests.conftest import random_calib, tiny_model
 
 import gisp
+from gisp.architectures import layout_of
 from gisp.baselines import get_method
 from gisp.baselines.base import trajectory_of
+from gisp.core.structures import Mask
 from gisp.layer_report import write_layer_report
-from gisp.structures import Layout, Mask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,7 +27,7 @@ def _one_thread():
 def synthetic_run(tmp_path, mlp_more: bool, late_more: bool):
     """A two-level trajectory whose masks prune MLP vs heads and late vs early layers as asked."""
     model = tiny_model("llama", 2, layers=6)
-    layout = Layout.from_model(model, protect_first=0.0, protect_last=0)
+    layout = layout_of(model, protect_first=0.0, protect_last=0)
     method = get_method("magnitude", protect_first=0.0, protect_last=0)
     masks, prev = [], Mask.dense(layout)
     for level, frac in ((0.2, 0.3), (0.4, 0.6)):

@@ -13,10 +13,11 @@ from tests.conftest import random_calib, tiny_model
 
 import gisp
 from gisp import memory
-from gisp.importance import StructureScores, prunable_parameters
-from gisp.objectives import LanguageModelling
-from gisp.ranking import Pick, apply_picks, ranked_candidates, select
-from gisp.structures import LayerShape, Layout, Mask
+from gisp.architectures import apply_mask, get_architecture, layout_of
+from gisp.core.importance import StructureScores
+from gisp.core.objectives import LanguageModelling
+from gisp.core.ranking import Pick, apply_picks, ranked_candidates, select
+from gisp.core.structures import LayerShape, Layout, Mask
 
 prune_mod = importlib.import_module("gisp.prune")  # the module (gisp.prune is the function)
 CFG = dict(target=0.5, steps=4, batch_size=3, protect_first=0.25, protect_last=1)
@@ -47,8 +48,8 @@ def test_checkpointing_recomputes_and_changes_nothing():
 
 # --- gradient accumulation precision ------------------------------------------------------------------------
 def _grads(model, mode, n=24, record=None):
-    layout = Layout.from_model(model)
-    params = prunable_parameters(model, layout)
+    layout = layout_of(model)
+    params = get_architecture(model).prunable_parameters(model, layout)
     for p in params:
         p.requires_grad_(True)
     handles = []
@@ -91,13 +92,14 @@ def test_fp64_accumulation_is_exact_whatever_the_order():
     exact = _grads(model, "native", record=record)
     fp64 = _grads(model, "fp64")
     assert all(g.dtype == torch.float64 for g in fp64)
-    layout = Layout.from_model(model)
-    for p, g, e in zip(prunable_parameters(model, layout), fp64, exact):
+    layout = layout_of(model)
+    for p, g, e in zip(get_architecture(model).prunable_parameters(model, layout), fp64, exact):
         parts = record[id(p)]
         assert torch.equal(g, e)
         # another grouping (two "ranks", then their sum) gives the same bits
         assert torch.equal(g, torch.stack(parts[0::2]).double().sum(0) + torch.stack(parts[1::2]).double().sum(0))
-    assert memory.grad_bytes(model, layout, "fp64") == 8 * sum(p.numel() for p in prunable_parameters(model, layout))
+    params = get_architecture(model).prunable_parameters(model, layout)
+    assert memory.grad_bytes(model, layout, "fp64") == 8 * sum(p.numel() for p in params)
 
 
 def test_fp32_accumulation_without_grad_dtype_uses_hooks(monkeypatch):
@@ -155,8 +157,8 @@ def test_peak_memory_sizes_are_exact():
     # earlier tests stay resident and get reused), so the peak itself is measured by the benchmark scripts
     # in fresh processes; here only the exact size arithmetic is tested.
     model = tiny_model().to(torch.bfloat16)
-    layout = Layout.from_model(model, 0.25, 1)
-    n_prunable = sum(p.numel() for p in prunable_parameters(model, layout))
+    layout = layout_of(model, 0.25, 1)
+    n_prunable = sum(p.numel() for p in get_architecture(model).prunable_parameters(model, layout))
     assert memory.weight_bytes(model) == 2 * sum(p.numel() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
     assert memory.grad_bytes(model, layout, "fp32") == 4 * n_prunable
@@ -248,14 +250,14 @@ def test_incremental_apply_equals_full_apply():
     rng = random.Random(1)
     for seed in range(4):
         model = tiny_model("qwen2", kv_heads=2 if seed % 2 else 4, seed=seed)  # qwen2: q/k/v biases too
-        layout = Layout.from_model(model)
+        layout = layout_of(model)
         scores = StructureScores([torch.rand(s.num_heads, dtype=torch.float64) for s in layout.layers],
                                  [torch.rand(s.intermediate, dtype=torch.float64) for s in layout.layers])
         old = apply_picks(Mask.dense(layout), select(scores, Mask.dense(layout), layout, rng.random() * 0.4))
         new = apply_picks(old, select(scores, old, layout, 0.4 + rng.random() * 0.5))
         a, b = tiny_model("qwen2", kv_heads=2 if seed % 2 else 4, seed=seed), model
-        new.apply(a)
-        old.apply(b)
-        new.apply(b, since=old)
+        apply_mask(a, new)
+        apply_mask(b, old)
+        apply_mask(b, new, since=old)
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(pa, pb), name

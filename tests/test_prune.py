@@ -7,8 +7,9 @@ import torch
 from tests.conftest import VARIANTS, random_calib, tiny_model
 
 import gisp
-from gisp.schedule import targets
-from gisp.structures import Layout, Mask
+from gisp.architectures import apply_mask, layout_of
+from gisp.core.schedule import targets
+from gisp.core.structures import Mask
 from gisp.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
@@ -38,7 +39,7 @@ def test_masks_nested_protected_and_on_target(arch, kv):
     assert {0, 3} == set(layout.protected)
     # the model left by prune() is the last mask applied to the base model
     fresh = tiny_model(arch, kv)
-    masks[-1].apply(fresh)
+    apply_mask(fresh, masks[-1])
     ids = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -65,7 +66,7 @@ def test_masked_structures_contribute_nothing(arch, kv):
     _, traj = run(arch, kv)
     mask = traj.mask_at_step(traj.last_step)
     a, b = tiny_model(arch, kv), tiny_model(arch, kv)
-    layout = Layout.from_model(b)
+    layout = layout_of(b)
     with torch.no_grad():  # scramble every removed structure of b (and only those)
         for i, layer in enumerate(b.model.layers):
             at, mlp, d = layer.self_attn, layer.mlp, 16
@@ -78,19 +79,19 @@ def test_masked_structures_contribute_nothing(arch, kv):
             gone = ~mask.channels[i]
             mlp.gate_proj.weight[gone] = torch.randn_like(mlp.gate_proj.weight[gone])
             mlp.down_proj.weight[:, gone] = torch.randn_like(mlp.down_proj.weight[:, gone])
-    mask.apply(a)
-    mask.apply(b)
+    apply_mask(a, mask)
+    apply_mask(b, mask)
     ids = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 def test_fully_removed_blocks_output_zero():
     model = tiny_model("llama", 2)
-    layout = Layout.from_model(model)
+    layout = layout_of(model)
     mask = Mask.dense(layout)
     mask.heads[1][:] = False
     mask.channels[1][:] = False
-    mask.apply(model)
+    apply_mask(model, mask)
     outs = {}
     layer = model.model.layers[1]
     layer.self_attn.register_forward_hook(lambda m, i, o: outs.__setitem__("attn", o[0]))

@@ -5,7 +5,7 @@ import torch
 from tests.conftest import VARIANTS, random_calib, tiny_model
 
 import gisp
-from gisp.structures import Layout
+from gisp.architectures import layout_of
 
 CFG = dict(target=0.6, steps=6, batch_size=4, protect_first=0.25, protect_last=1)
 
@@ -53,7 +53,7 @@ def test_shrinking_resumes_and_removes_whole_blocks(tmp_path):
     resumed = gisp.prune(model, cfg, calib, run_dir=tmp_path, resume=True, progress=False)
     assert resumed.head_step == whole.head_step and resumed.channel_step == whole.channel_step
     last = resumed.mask_at_step(resumed.last_step)
-    layout = Layout.from_model(model)
+    layout = layout_of(model)
     assert any(not last.heads[i].any() or not last.channels[i].any() for i in layout.prunable)
 
 

@@ -1,22 +1,55 @@
-"""gisp: Global Iterative Structured Pruning for Llama-family language models."""
+"""gisp: Global Iterative Structured Pruning for Llama-family language models.
+
+``import gisp`` is light (no torch, no transformers): the public names below are
+imported on first access, and gisp's per-layer export classes are registered
+with transformers' Auto classes as soon as transformers' auto module is loaded,
+so ``AutoModelForCausalLM.from_pretrained(export_dir)`` works after ``import gisp``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gisp.architectures import install_auto_registration
 
 __version__ = "0.1.0"
 
-import gisp.tasks  # noqa: E402,F401,I001  (registers the margin/answer objectives and their calibration)
-from gisp.adapters import ArchAdapter, get_adapter, register_adapter  # noqa: E402
-from gisp.calibration import CalibrationSet, build_calibration  # noqa: E402
-from gisp.elastic import ElasticModel  # noqa: E402
-from gisp.errors import GispError  # noqa: E402
-from gisp.evaluate import evaluate  # noqa: E402
-from gisp.export import export, load_pretrained  # noqa: E402
-from gisp.loading import fingerprint, load_model  # noqa: E402
-from gisp.perplexity import perplexity  # noqa: E402
-from gisp.prune import PruneConfig, prune  # noqa: E402
-from gisp.structures import Layout, Mask  # noqa: E402
-from gisp.trajectory import Trajectory  # noqa: E402
+# public name -> module that defines it
+_PUBLIC = {
+    "Architecture": "gisp.architectures.base",
+    "get_architecture": "gisp.architectures",
+    "CalibrationSet": "gisp.core.calibration",
+    "build_calibration": "gisp.core.calibration",
+    "Layout": "gisp.core.structures",
+    "Mask": "gisp.core.structures",
+    "fingerprint": "gisp.core.fingerprint",
+    "GispError": "gisp.errors",
+    "load_model": "gisp.loading",
+    "load_pretrained": "gisp.loading",
+    "PruneConfig": "gisp.prune",
+    "prune": "gisp.prune",
+    "Trajectory": "gisp.trajectory",
+    "export": "gisp.deploy.export",
+    "ElasticModel": "gisp.deploy.elastic",
+    "evaluate": "gisp.evaluation.evaluate",
+    "perplexity": "gisp.evaluation.perplexity",
+}
 
-__all__ = [
-    "ArchAdapter", "CalibrationSet", "ElasticModel", "GispError", "Layout", "Mask", "PruneConfig", "Trajectory",
-    "build_calibration", "evaluate", "export", "fingerprint", "get_adapter", "load_model", "load_pretrained",
-    "perplexity", "prune", "register_adapter",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gisp' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+install_auto_registration()

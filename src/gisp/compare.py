@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gisp.architectures import apply_mask, layout_of
 from gisp.baselines import METHODS, Level, Method, apply_compensation, get_method
 from gisp.baselines.base import check_sparsities
-from gisp.baselines.compensation import Compensation
 from gisp.baselines.gisp_iterative import GISP
+from gisp.deploy.compensation import Compensation
 from gisp.errors import GispError
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json, atomic_write_text, versions
-from gisp.structures import Layout
 from gisp.trajectory import Trajectory
 
 DEFAULT_METHODS = ["gisp", "oneshot", "wanda-sp", "flap", "llm-pruner", "owl", "shortgpt", "magnitude", "random"]
@@ -200,7 +200,7 @@ def mean_accuracy(tasks: dict[str, dict[str, Any]] | None) -> float | None:
 
 def evaluate_model(model: nn.Module, tokenizer, cfg: CompareConfig, progress: bool) -> dict[str, Any]:
     """The one evaluation protocol of a comparison."""
-    from gisp.perplexity import perplexity
+    from gisp.evaluation.perplexity import perplexity
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"ppl": perplexity(model, tokenizer, cfg.ppl, window=cfg.window,
@@ -247,12 +247,13 @@ def compare(cfg: CompareConfig, *, progress: bool = True, command: str | None = 
 
 def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progress: bool,
          log: Callable[[str], None], loaded: Any = None) -> None:
-    from gisp.calibration import build_calibration
-    from gisp.loading import fingerprint, load_model
+    from gisp.core.calibration import build_calibration
+    from gisp.core.fingerprint import fingerprint
+    from gisp.loading import load_model
 
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model, tok = loaded.model, loaded.tokenizer
-    layout = Layout.from_model(model)
+    layout = layout_of(model)
     info = {"name": cfg.model, "path": loaded.path, "fingerprint": fingerprint(model)}
     atomic_write_json(store.root / "model.json", {
         **info, "model_type": model.config.model_type, "dense_params": layout.dense_params,
@@ -325,7 +326,7 @@ def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progre
                 continue
             lv = levels[s]
             restore()
-            lv.mask.apply(model)
+            apply_mask(model, lv.mask)
             log(f"{name} @ {s:g}: evaluating (sparsity {lv.sparsity:.4f})")
             with apply_compensation(model, lv.compensation):
                 row = evaluate_model(model, tok, cfg, progress)

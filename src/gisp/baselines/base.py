@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from gisp.calibration import CalibrationSet
+from gisp.architectures import get_architecture, layout_of
+from gisp.core.calibration import CalibrationSet
+from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
 from gisp.provenance import versions
-from gisp.structures import Layout, Mask
 from gisp.trajectory import Trajectory
 
 
@@ -39,7 +40,7 @@ class Level:
     mask: Mask | None = None
     trajectory: Trajectory | None = None
     step: int | None = None
-    compensation: Any = None  # gisp.baselines.compensation.Compensation for FLAP
+    compensation: Any = None  # gisp.deploy.compensation.Compensation for FLAP
     model: nn.Module | None = None  # a physically sliced copy (external libraries)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -76,7 +77,7 @@ class Method(ABC):
         return {"method": self.name, "nested": self.nested, "reference": self.reference, **self.opts}
 
     def layout(self, model: nn.Module) -> Layout:
-        return Layout.from_model(model, self.opts.get("protect_first", 0.0), self.opts.get("protect_last", 0))
+        return layout_of(model, self.opts.get("protect_first", 0.0), self.opts.get("protect_last", 0))
 
     @abstractmethod
     def run(
@@ -127,7 +128,7 @@ def input_batches(calib: CalibrationSet, batch_size: int) -> Iterator[torch.Tens
 
 def model_info_of(model: nn.Module, info: dict[str, Any] | None, layout: Layout) -> dict[str, Any]:
     """The base-model record every trajectory carries (name, fingerprint, sizes)."""
-    from gisp.loading import fingerprint
+    from gisp.core.fingerprint import fingerprint
 
     out = dict(info or {})
     out.setdefault("name", getattr(model.config, "_name_or_path", "model"))
@@ -257,12 +258,11 @@ class WeightSnapshot:
     """A copy of the prunable projections' weights and biases, to undo masking between levels."""
 
     def __init__(self, model: nn.Module) -> None:
-        from gisp.adapters import get_adapter
 
-        adapter = get_adapter(model)
+        arch = get_architecture(model)
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in adapter.layers(model):
-            att, mlp = adapter.attention(layer), adapter.mlp(layer)
+        for layer in arch.layers(model):
+            att, mlp = arch.attention(layer), arch.mlp(layer)
             for lin in (att.q, att.k, att.v, att.o, mlp.gate, mlp.up, mlp.down):
                 for p in (lin.weight, lin.bias):
                     if p is not None:

@@ -14,10 +14,10 @@ from typing import Any
 from torch import nn
 
 from gisp.baselines.base import Level, Method, OnLevel, check_sparsities
-from gisp.calibration import CalibrationSet
+from gisp.core.calibration import CalibrationSet
+from gisp.core.schedule import targets
 from gisp.errors import GispError
 from gisp.prune import PruneConfig, prune
-from gisp.schedule import targets
 
 
 class GISP(Method):

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from gisp.architectures import layout_of
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.oneshot import taylor_scores
 from gisp.baselines.selection import uniform_mask
-from gisp.calibration import CalibrationSet
-from gisp.structures import Layout
+from gisp.core.calibration import CalibrationSet
+from gisp.core.structures import Layout
 
 
 class LLMPruner(MaskingMethod):
@@ -38,7 +39,7 @@ class LLMPruner(MaskingMethod):
     def layout(self, model: nn.Module) -> Layout:
         n = model.config.num_hidden_layers
         last = max(1, round(self.opts["last_fraction"] * n)) if self.opts["last_fraction"] > 0 else 0
-        return Layout.from_model(model, self.opts["first_fraction"], min(last, n - 1))
+        return layout_of(model, self.opts["first_fraction"], min(last, n - 1))
 
     def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
               sparsities: list[float]) -> Masks:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from gisp.architectures import get_architecture
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import global_masks
-from gisp.calibration import CalibrationSet
-from gisp.importance import MagnitudeImportance, normalize
-from gisp.structures import Layout
+from gisp.core.calibration import CalibrationSet
+from gisp.core.importance import MagnitudeImportance, normalize
+from gisp.core.structures import Layout
 
 
 class Magnitude(MaskingMethod):
@@ -27,5 +28,6 @@ class Magnitude(MaskingMethod):
 
     def masks(self, model: nn.Module, calib: CalibrationSet | None, layout: Layout,
               sparsities: list[float]) -> Masks:
-        scores = normalize(MagnitudeImportance().scores(model, layout), layout, self.opts["normalize"])
+        raw = MagnitudeImportance().scores(model, layout, get_architecture(model))
+        scores = normalize(raw, layout, self.opts["normalize"])
         return Masks(global_masks(scores, layout, sparsities))

@@ -13,21 +13,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import global_masks
-from gisp.calibration import CalibrationSet
-from gisp.importance import StructureScores, TaylorImportance, normalize, prunable_parameters
-from gisp.objectives import get_objective
+from gisp.core.calibration import CalibrationSet
+from gisp.core.importance import StructureScores, TaylorImportance, normalize
+from gisp.core.objectives import get_objective
+from gisp.core.structures import Layout
 from gisp.prune import accumulate_gradients, restore_grad_dtype
-from gisp.structures import Layout
 
 
 def taylor_scores(model: nn.Module, layout: Layout, calib: CalibrationSet, batch_size: int,
                   autocast: str = "none") -> StructureScores:
     """Raw ``sum |w * dL/dw|`` per structure, gradients of the mean calibration loss on the model as it is."""
-    adapter = get_adapter(model)
-    params = prunable_parameters(model, layout, adapter)
+    arch = get_architecture(model)
+    params = arch.prunable_parameters(model, layout)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -35,7 +35,7 @@ def taylor_scores(model: nn.Module, layout: Layout, calib: CalibrationSet, batch
     try:
         model.zero_grad(set_to_none=True)
         accumulate_gradients(model, get_objective("lm"), calib, batch_size, autocast)
-        return TaylorImportance().scores(model, layout, adapter)
+        return TaylorImportance().scores(model, layout, arch)
     finally:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -22,23 +22,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
 from gisp.baselines.activations import collect_input_stats
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.wanda_sp import sequential_uniform_masks
-from gisp.calibration import CalibrationSet
-from gisp.structures import Layout
+from gisp.core.calibration import CalibrationSet
+from gisp.core.structures import Layout
 
 
 def outlier_ratios(model: nn.Module, layout: Layout, calib: CalibrationSet, batch_size: int, m: float,
                    ) -> dict[int, float]:
     """Per unprotected layer: fraction of ``|W| * ||X||`` entries above ``m`` x the layer mean (dense model)."""
-    adapter = get_adapter(model)
+    arch = get_architecture(model)
     stats = collect_input_stats(model, calib, batch_size, which=("q", "o", "gate", "down"))
     out = {}
     for i in layout.prunable:
-        layer = adapter.layers(model)[i]
-        att, mlp = adapter.attention(layer), adapter.mlp(layer)
+        layer = arch.layers(model)[i]
+        att, mlp = arch.attention(layer), arch.mlp(layer)
         pairs = [(att.q, "q"), (att.k, "q"), (att.v, "q"), (att.o, "o"), (mlp.gate, "gate"), (mlp.up, "gate"),
                  (mlp.down, "down")]
         metrics = [lin.weight.detach().float().cpu().abs() * stats[f"{i}.{key}"].mean_sq.sqrt().float()

@@ -14,9 +14,9 @@ from torch import nn
 
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import global_masks
-from gisp.calibration import CalibrationSet
-from gisp.importance import StructureScores
-from gisp.structures import Layout
+from gisp.core.calibration import CalibrationSet
+from gisp.core.importance import StructureScores
+from gisp.core.structures import Layout
 
 
 class RandomFloor(MaskingMethod):

@@ -1,7 +1,7 @@
 """Turning scores into masks: one global threshold, or the same ratio in every layer.
 
 Global methods (GISP, one-shot, FLAP, the floors) rank all structures of all
-unprotected layers in one list through :func:`gisp.ranking.select`, so their
+unprotected layers in one list through :func:`gisp.core.ranking.select`, so their
 sparsity lands within one structure below the target.
 
 Local (uniform-ratio) methods (Wanda-sp, LLM-Pruner, OWL's per-layer ratios)
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from gisp.core.importance import StructureScores
+from gisp.core.ranking import apply_picks, select
+from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.importance import StructureScores
-from gisp.ranking import apply_picks, select
-from gisp.structures import Layout, Mask
 
 
 def layer_params(mask: Mask, layout: Layout, i: int) -> int:

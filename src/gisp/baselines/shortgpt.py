@@ -22,8 +22,8 @@ from torch import nn
 from gisp.baselines.activations import block_influence
 from gisp.baselines.base import MaskingMethod, Masks
 from gisp.baselines.selection import layer_params
-from gisp.calibration import CalibrationSet
-from gisp.structures import Layout, Mask
+from gisp.core.calibration import CalibrationSet
+from gisp.core.structures import Layout, Mask
 
 
 class ShortGPT(MaskingMethod):

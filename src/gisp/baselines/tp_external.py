@@ -17,7 +17,7 @@ What it prunes here, precisely:
   in ``get_pruning_group`` through the RoPE/``repeat_kv`` ops, reported as
   VainF/Torch-Pruning#527), so q/k/v/o are left out and only MLP channels are
   pruned, at the ratio that reaches the parameter target;
-- never the hidden (residual) width: o_proj/down_proj outputs and lm_head are
+- never the hidden (residual) width: o/down projection outputs and lm_head are
   ignored, unlike the example, so sparsity means the same as for every other row.
 
 Sparsity is measured by counting the decoder linear parameters of the sliced
@@ -34,22 +34,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture, layout_of
 from gisp.baselines.base import Level, Method, OnLevel, Timer, check_sparsities, input_batches
-from gisp.calibration import CalibrationSet
+from gisp.core.calibration import CalibrationSet
+from gisp.core.objectives import get_objective
+from gisp.core.structures import Layout
 from gisp.errors import GispError
-from gisp.objectives import get_objective
-from gisp.structures import Layout
 
 PIP = "pip install torch-pruning==1.6.1"
 
 
 def linear_params(model: nn.Module) -> int:
     """Weights and biases of every decoder layer's q, k, v, o, gate, up, down (as sliced)."""
-    adapter = get_adapter(model)
+    arch = get_architecture(model)
     total = 0
-    for layer in adapter.layers(model):
-        att, mlp = adapter.attention(layer), adapter.mlp(layer)
+    for layer in arch.layers(model):
+        att, mlp = arch.attention(layer), arch.mlp(layer)
         for lin in (att.q, att.k, att.v, att.o, mlp.gate, mlp.up, mlp.down):
             total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
     return total
@@ -83,7 +83,7 @@ class TorchPruning(Method):
             raise GispError(f"method 'torch-pruning' needs the torch-pruning package: {PIP}") from e
         if self.opts["importance"] not in ("magnitude", "taylor"):
             raise GispError(f"torch-pruning importance must be magnitude or taylor, got '{self.opts['importance']}'")
-        layout = Layout.from_model(model)
+        layout = layout_of(model)
         sparsities = check_sparsities(sparsities, layout)
         gqa = any(s.is_gqa for s in layout.layers)
         mlp_total = sum(3 * s.hidden * s.intermediate for s in layout.layers)
@@ -98,10 +98,10 @@ class TorchPruning(Method):
             if kept > (1.0 - target) * layout.dense_params + slack:
                 raise GispError(f"torch-pruning removed only {1 - kept / layout.dense_params:.1%} of the parameters "
                                 f"for a {target:.0%} target: its dependency graph missed the model's layers")
-            adapter = get_adapter(pruned)
-            shapes = [(adapter.attention(L).q.out_features // adapter.head_dim,
-                       adapter.attention(L).k.out_features // adapter.head_dim,
-                       adapter.mlp(L).gate.out_features) for L in adapter.layers(pruned)]
+            arch = get_architecture(pruned)
+            shapes = [(arch.attention(L).q.out_features // arch.head_dim,
+                       arch.attention(L).k.out_features // arch.head_dim,
+                       arch.mlp(L).gate.out_features) for L in arch.layers(pruned)]
             level = Level(target, 1.0 - kept / layout.dense_params, kept, model=pruned, details={
                 "pruned": "MLP channels only (GQA heads unsupported by torch-pruning here)" if gqa
                 else "attention heads and MLP channels", "plan": plan,
@@ -135,19 +135,19 @@ class TorchPruning(Method):
             self._prune_quiet(tp, model, calib, plan)
 
     def _prune_quiet(self, tp, model: nn.Module, calib: CalibrationSet, plan: dict[str, Any]) -> None:
-        adapter = get_adapter(model)
+        arch = get_architecture(model)
         cfg = model.config
         ignored: list[nn.Module] = [model.lm_head] if hasattr(model, "lm_head") else []
         num_heads: dict[nn.Module, int] = {}
         prune_heads = plan["heads_per_layer"] > 0
-        for layer in adapter.layers(model):
-            att, mlp = adapter.attention(layer), adapter.mlp(layer)
+        for layer in arch.layers(model):
+            att, mlp = arch.attention(layer), arch.mlp(layer)
             ignored += [att.o, mlp.down]  # keep the residual width
             if prune_heads:
-                num_heads.update({att.q: adapter.num_heads, att.k: adapter.num_kv_heads, att.v: adapter.num_kv_heads})
+                num_heads.update({att.q: arch.num_heads, att.k: arch.num_kv_heads, att.v: arch.num_kv_heads})
             else:
                 ignored += [att.q, att.k, att.v]
-        C, H, d = adapter.intermediate_size, adapter.num_heads, adapter.head_dim
+        C, H, d = arch.intermediate_size, arch.num_heads, arch.head_dim
         if self.opts["importance"] == "taylor":
             importance = tp.importance.GroupTaylorImportance()
             self._gradients(model, calib)
@@ -169,14 +169,14 @@ class TorchPruning(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         model.zero_grad(set_to_none=True)
-        first = adapter.attention(adapter.layers(model)[0])
+        first = arch.attention(arch.layers(model)[0])
         cfg.head_dim = d  # pin it before the head counts change
-        for layer in adapter.layers(model):
-            att = adapter.attention(layer)
+        for layer in arch.layers(model):
+            att = arch.attention(layer)
             layer.self_attn.num_key_value_groups = (att.q.out_features // d) // (att.k.out_features // d)
         cfg.num_attention_heads = first.q.out_features // d
         cfg.num_key_value_heads = first.k.out_features // d
-        cfg.intermediate_size = adapter.mlp(adapter.layers(model)[0]).gate.out_features
+        cfg.intermediate_size = arch.mlp(arch.layers(model)[0]).gate.out_features
 
     def _gradients(self, model: nn.Module, calib: CalibrationSet) -> None:
         """Mean calibration-loss gradients for Torch-Pruning's Taylor importance."""

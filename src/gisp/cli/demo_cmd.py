@@ -12,7 +12,7 @@ from rich.console import Console
 from gisp.cli.app import app
 from gisp.cli.eval_cmd import results_table
 from gisp.cli.prune_cmd import run_prune, steps_table
-from gisp.evaluate import evaluate
+from gisp.evaluation.evaluate import evaluate
 from gisp.layer_report import write_layer_report
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from gisp.cli.app import app
 from gisp.cli.common import parse_floats
-from gisp.evaluate import evaluate
+from gisp.evaluation.evaluate import evaluate
 from gisp.provenance import atomic_write_json
 
 

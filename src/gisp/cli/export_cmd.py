@@ -38,14 +38,14 @@ def export_command(
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
-    from gisp.export import export, levels
-    from gisp.loading import DTYPES, load_model
+    from gisp.deploy.export import export
+    from gisp.deploy.levels import levels
+    from gisp.loading import DTYPES, load_base_model
     from gisp.trajectory import Trajectory
 
     if list_levels:
         traj = Trajectory.load(run)
-        name = traj.model.get("path") or traj.model.get("name")
-        loaded = load_model(name, dtype="fp32", device="cpu")
+        loaded = load_base_model(traj.model)
         traj.check_model(loaded.model)
         if dtype is not None and dtype not in DTYPES:
             raise GispError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
@@ -64,7 +64,7 @@ def export_command(
     console.print(f"exported step {res.step} (sparsity {res.sparsity:.4f}) to {res.path}: {res.params:,} params, "
                   f"{res.size_bytes / 1e6:.1f} MB, {fmt}")
     if res.record.get("compensation"):
-        console.print("bias compensation written as o_proj/down_proj biases "
+        console.print("bias compensation written as o/down projection biases "
                       f"(from {res.record['compensation']['file']})")
     if res.adjustment:
         a = res.adjustment

@@ -9,10 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from gisp import distributed
-from gisp.calibration import build_calibration
 from gisp.cli.app import app
+from gisp.core.calibration import build_calibration
+from gisp.core.fingerprint import fingerprint
 from gisp.errors import GispError
-from gisp.loading import DEFAULT_MODEL, fingerprint, load_model
+from gisp.loading import DEFAULT_MODEL, load_model
 from gisp.prune import GRAD_ACCUM, PruneConfig, prune
 from gisp.trajectory import Trajectory
 

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gisp.calibration import CalibrationSet, register_calibration
+from gisp.core.calibration import CalibrationSet, register_calibration
+from gisp.core.objectives import Objective, register_objective
 from gisp.errors import GispError
-from gisp.objectives import Objective, register_objective
 from gisp.tasks import gsm8k
 from gisp.tasks.evaluate import LM_EVAL_CONVENTION, TASKS, resolve_task
 from gisp.tasks.loaders import DEFAULT_SPLIT_SEED, load_prompt_response, load_task_data, split_task

@@ -1,10 +1,10 @@
 """Prunable structures and nested masks.
 
 A *structure* is one attention query head or one MLP intermediate channel of one
-decoder layer (see ``shared/GISP.md``). A :class:`Layout` describes how many of
+decoder layer (see ``docs/method.md``). A :class:`Layout` describes how many of
 each every layer has and how many parameters they own; a :class:`Mask` says which
-are kept. Applying a mask zeroes the removed structures' weights, so the masked
-model computes exactly what the physically slimmer model computes.
+are kept. Both are plain data: reading them from a model and zeroing a mask's
+removed structures in its weights is the job of :mod:`gisp.architectures`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from gisp.adapters import ArchAdapter, get_adapter
 from gisp.errors import GispError
 
 
@@ -66,29 +64,6 @@ class Layout:
 
     layers: tuple[LayerShape, ...]
     protected: frozenset[int]
-
-    @classmethod
-    def from_model(
-        cls, model: nn.Module, protect_first: float = 0.0, protect_last: int = 0
-    ) -> Layout:
-        adapter = get_adapter(model)
-        shapes = []
-        for layer in adapter.layers(model):
-            att, mlp = adapter.attention(layer), adapter.mlp(layer)
-            d = adapter.head_dim
-            shapes.append(
-                LayerShape(
-                    num_heads=att.q.out_features // d,
-                    num_kv_heads=att.k.out_features // d,
-                    head_dim=d,
-                    hidden=att.q.in_features,
-                    intermediate=mlp.gate.out_features,
-                    qkv_bias=att.q.bias is not None,
-                    o_bias=att.o.bias is not None,
-                    mlp_bias=mlp.gate.bias is not None,
-                )
-            )
-        return cls(tuple(shapes), protected_layers(len(shapes), protect_first, protect_last))
 
     @property
     def num_layers(self) -> int:
@@ -173,56 +148,8 @@ class Mask:
             bool((a & ~b).sum() == 0) for a, b in zip(self.channels, other.channels)
         )
 
-    @torch.no_grad()
-    def apply(self, model: nn.Module, adapter: ArchAdapter | None = None, *, since: Mask | None = None) -> None:
-        """Zero the weights of removed structures in place.
 
-        A removed head loses its q rows and o columns (k/v rows too once its
-        whole KV group is gone); a removed channel loses its gate/up rows and its
-        down column. Zero o/down columns alone already make the structure's
-        output vanish exactly; zeroing the rest makes its Taylor score zero too.
-
-        ``since``: a mask already applied to this model; only the structures
-        removed since then are zeroed (the pruning loop's per-step update, which
-        touches a few rows instead of rewriting every weight). The result is the
-        same as a full apply.
-        """
-        adapter = adapter or get_adapter(model)
-        layout = Layout.from_model(model)
-        for i, layer in enumerate(adapter.layers(model)):
-            s = layout.layers[i]
-            att, mlp = adapter.attention(layer), adapter.mlp(layer)
-            heads_gone, kv_gone, ch_gone = ~self.heads[i], ~self.kv_heads(layout, i), ~self.channels[i]
-            if since is not None:
-                heads_gone &= since.heads[i]
-                kv_gone &= since.kv_heads(layout, i)
-                ch_gone &= since.channels[i]
-            rows = _rows(heads_gone, s.head_dim)
-            if len(rows):
-                _zero(att.q.weight, 0, rows)
-                _zero(att.q.bias, 0, rows)
-                _zero(att.o.weight, 1, rows)
-            rows = _rows(kv_gone, s.head_dim)
-            if len(rows):
-                for p in (att.k, att.v):
-                    _zero(p.weight, 0, rows)
-                    _zero(p.bias, 0, rows)
-            ch = ch_gone.cpu().nonzero().flatten()
-            if len(ch):
-                _zero(mlp.gate.weight, 0, ch)
-                _zero(mlp.up.weight, 0, ch)
-                _zero(mlp.down.weight, 1, ch)
-                _zero(mlp.gate.bias, 0, ch)
-                _zero(mlp.up.bias, 0, ch)
-
-
-def _rows(gone: torch.Tensor, width: int) -> torch.Tensor:
-    """Row indices of the removed blocks of ``width`` rows each."""
-    blocks = gone.cpu().nonzero().flatten()
-    return (blocks[:, None] * width + torch.arange(width)).flatten()
-
-
-def _zero(t: torch.Tensor | None, dim: int, index: torch.Tensor) -> None:
-    """Zero slices along ``dim`` (index_fill_: plain tensor indexing is slow on CPU)."""
-    if t is not None:
-        t.index_fill_(dim, index.to(t.device), 0)
+def block_rows(blocks: torch.Tensor | list[int], width: int) -> torch.Tensor:
+    """Row indices of blocks ``blocks`` of ``width`` rows each (a head's rows in q/k/v, its columns in o)."""
+    idx = torch.as_tensor(blocks, dtype=torch.long).cpu().flatten()
+    return (idx[:, None] * width + torch.arange(width)).flatten()

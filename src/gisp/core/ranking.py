@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gisp.importance import StructureScores
-from gisp.structures import Layout, Mask
+from gisp.core.importance import StructureScores
+from gisp.core.structures import Layout, Mask
 
 UNITS = ("params", "structures")
 

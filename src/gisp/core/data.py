@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from gisp.core.assets import package_dir
 from gisp.errors import GispError
-from gisp.loading import _package_dir
 
 PACKAGED = {"c4": "c4.utf8", "wiki": "wiki.utf8"}
 CALIB_FRACTION = 0.8
@@ -41,7 +41,7 @@ class TextSource:
 
 
 def _read_packaged(name: str) -> list[str]:
-    path = _package_dir("exllamav3") / "conversion" / "standard_cal_data" / PACKAGED[name]
+    path = package_dir("exllamav3") / "conversion" / "standard_cal_data" / PACKAGED[name]
     text = path.read_text(encoding="utf-8")
     # wiki wraps articles in <doc ...>...</doc>; c4 holds one document per line.
     docs = _DOC_RE.findall(text) if "<doc" in text else text.splitlines()

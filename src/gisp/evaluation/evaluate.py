@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gisp.architectures import apply_mask
+from gisp.core.fingerprint import fingerprint
+from gisp.deploy.compensation import apply_compensation, compensation_for_step
 from gisp.errors import GispError
-from gisp.loading import fingerprint, load_model
-from gisp.perplexity import perplexity
+from gisp.evaluation.perplexity import perplexity
+from gisp.loading import load_base_model, load_model
 from gisp.provenance import atomic_write_json, versions
 from gisp.trajectory import FILENAME, Trajectory
 
@@ -35,11 +38,13 @@ def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_wind
 
 
 def _decoder_linear_params(model) -> int:
-    """Weights and biases of every Linear inside the decoder layers (works for exported per-layer widths too)."""
+    """Weights and biases of every Linear but the LM head (the decoder layers' projections, whatever the
+    family; works for exported per-layer widths too)."""
     from torch import nn
 
-    layers = model.model.layers
-    return sum(p.numel() for m in layers.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    head = model.get_output_embeddings()
+    return sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+               for p in m.parameters(recurse=False))
 
 
 def evaluate(
@@ -77,20 +82,18 @@ def evaluate(
         result["rows"].append(row)
         return result
 
-    from gisp.baselines.compensation import apply_compensation, compensation_for_step
-
     traj = Trajectory.load(path)
     levels = sorted(set(sparsities if sparsities is not None else [0.0]))
     for s in levels:
         traj.step_at(s)  # validates the range
-    loaded = load_model(traj.model.get("path") or traj.model["name"], dtype=dtype, device=device)
+    loaded = load_base_model(traj.model, dtype=dtype, device=device)
     traj.check_model(loaded.model)
     result.update({"run": str(path), "model": traj.model, "calibration": traj.calibration,
                    "prune_config": traj.config, "prune_versions": traj.versions,
                    "sparsity_definition": "fraction of decoder-layer linear parameters removed"})
     for s in levels:
         rec = traj.step_at(s)
-        traj.mask_at_step(rec["step"]).apply(loaded.model)
+        apply_mask(loaded.model, traj.mask_at_step(rec["step"]))
         comp, comp_path = compensation_for_step(path, rec["step"])  # FLAP levels of a gisp compare directory
         t0 = time.perf_counter()
         with apply_compensation(loaded.model, comp):

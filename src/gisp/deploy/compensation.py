@@ -1,18 +1,19 @@
-"""FLAP's bias compensation for a masked Llama that has no o_proj/down_proj bias.
+"""FLAP's bias compensation for a masked model whose output projections have no bias.
 
-FLAP replaces each removed input column ``j`` of o_proj/down_proj by its mean
+FLAP replaces each removed input column ``j`` of the attention output (o) and
+MLP down projections by its mean
 calibration input: ``W[:, j] @ x_j ~ W[:, j] * mean_j``, a constant added to the
 layer's output. Summed over the removed columns this is one bias vector per
 module, ``b = W[:, removed] @ mean_input[removed]`` (computed from the dense
 weights), which is exact whenever the removed columns see their mean input.
 
-Llama-family checkpoints have no o_proj/down_proj bias, so a compensated model
-is the masked model plus these vectors. :class:`Compensation` stores them
+Llama-family checkpoints have no such biases, so a compensated model is the
+masked model plus these vectors. :class:`Compensation` stores them
 (``compensation.safetensors`` next to the run's trajectory, keys
-``layers.{i}.o_proj.bias`` / ``layers.{i}.down_proj.bias``) and
-:func:`apply_compensation` adds them through forward hooks, so evaluation of
-the masked model includes them. An exporter must write them as real biases of
-o_proj/down_proj (see :meth:`Compensation.bias_for`).
+``layers.{i}.o.bias`` / ``layers.{i}.down.bias``) and :func:`apply_compensation`
+adds them through forward hooks, so evaluation of the masked model includes
+them. An export writes them as real biases of the o/down projections (see
+:meth:`Compensation.bias_for` and :func:`gisp.architectures.slicing.slim_model`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
 from gisp.errors import GispError
 
 FILENAME = "compensation.safetensors"
@@ -31,7 +32,7 @@ FILENAME = "compensation.safetensors"
 
 @dataclass
 class Compensation:
-    """Per-layer output biases of o_proj (``attn``) and down_proj (``mlp``), float32, on CPU."""
+    """Per-layer output biases of the o (``attn``) and down (``mlp``) projections, float32, on CPU."""
 
     attn: dict[int, torch.Tensor] = field(default_factory=dict)
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -40,29 +41,29 @@ class Compensation:
     def from_means(cls, model: nn.Module, keep_heads: list[torch.Tensor], keep_channels: list[torch.Tensor],
                    attn_means: dict[int, torch.Tensor], mlp_means: dict[int, torch.Tensor]) -> Compensation:
         """``W[:, removed] @ mean[removed]`` per module, from the model's (dense) weights."""
-        adapter = get_adapter(model)
-        layers = adapter.layers(model)
-        d = adapter.head_dim
+        arch = get_architecture(model)
+        layers = arch.layers(model)
+        d = arch.head_dim
         comp = cls()
         with torch.no_grad():
             for i, layer in enumerate(layers):
                 gone_cols = (~keep_heads[i]).repeat_interleave(d)
                 if gone_cols.any() and i in attn_means:
-                    w = adapter.attention(layer).o.weight.detach().double().cpu()
+                    w = arch.attention(layer).o.weight.detach().double().cpu()
                     comp.attn[i] = (w[:, gone_cols] @ attn_means[i].double()[gone_cols]).float()
                 gone = ~keep_channels[i]
                 if gone.any() and i in mlp_means:
-                    w = adapter.mlp(layer).down.weight.detach().double().cpu()
+                    w = arch.mlp(layer).down.weight.detach().double().cpu()
                     comp.mlp[i] = (w[:, gone] @ mlp_means[i].double()[gone]).float()
         return comp
 
     def bias_for(self, layer: int, module: str) -> torch.Tensor | None:
-        """The bias an exporter adds to ``o_proj`` (module 'o') or ``down_proj`` (module 'down') of a layer."""
+        """The bias an exporter adds to the o (module 'o') or down (module 'down') projection of a layer."""
         return (self.attn if module == "o" else self.mlp).get(layer)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"layers.{i}.o_proj.bias": b.contiguous() for i, b in self.attn.items()}
-        out.update({f"layers.{i}.down_proj.bias": b.contiguous() for i, b in self.mlp.items()})
+        out = {f"layers.{i}.o.bias": b.contiguous() for i, b in self.attn.items()}
+        out.update({f"layers.{i}.down.bias": b.contiguous() for i, b in self.mlp.items()})
         return out
 
     def save(self, run_dir: str | Path) -> Path:
@@ -77,7 +78,7 @@ class Compensation:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=FILENAME, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(self.to_tensors(), tmp, metadata={"what": "FLAP bias compensation: add to o_proj/down_proj"})
+            save_file(self.to_tensors(), tmp, metadata={"what": "FLAP bias compensation: add to o/down projections"})
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -95,9 +96,9 @@ class Compensation:
         comp = cls()
         for key, t in load_file(str(path)).items():
             parts = key.split(".")
-            if len(parts) != 4 or parts[0] != "layers" or parts[2] not in ("o_proj", "down_proj"):
-                raise GispError(f"{path}: unexpected tensor '{key}' (expected layers.N.o_proj.bias / down_proj.bias)")
-            (comp.attn if parts[2] == "o_proj" else comp.mlp)[int(parts[1])] = t
+            if len(parts) != 4 or parts[0] != "layers" or parts[2] not in ("o", "down"):
+                raise GispError(f"{path}: unexpected tensor '{key}' (expected layers.N.o.bias / layers.N.down.bias)")
+            (comp.attn if parts[2] == "o" else comp.mlp)[int(parts[1])] = t
         return comp
 
 
@@ -144,11 +145,11 @@ class CompensationHandle:
 
 
 def apply_compensation(model: nn.Module, comp: Compensation | None) -> CompensationHandle:
-    """Add the compensation biases to o_proj/down_proj outputs through forward hooks."""
+    """Add the compensation biases to the o/down projections' outputs through forward hooks."""
     if comp is None:
         return CompensationHandle([])
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
+    arch = get_architecture(model)
+    layers = arch.layers(model)
     handles = []
 
     def add(bias: torch.Tensor):
@@ -159,9 +160,9 @@ def apply_compensation(model: nn.Module, comp: Compensation | None) -> Compensat
     for i, b in comp.attn.items():
         if i >= len(layers):
             raise GispError(f"compensation for layer {i} does not fit a model with {len(layers)} layers")
-        handles.append(adapter.attention(layers[i]).o.register_forward_hook(add(b)))
+        handles.append(arch.attention(layers[i]).o.register_forward_hook(add(b)))
     for i, b in comp.mlp.items():
         if i >= len(layers):
             raise GispError(f"compensation for layer {i} does not fit a model with {len(layers)} layers")
-        handles.append(adapter.mlp(layers[i]).down.register_forward_hook(add(b)))
+        handles.append(arch.mlp(layers[i]).down.register_forward_hook(add(b)))
     return CompensationHandle(handles)

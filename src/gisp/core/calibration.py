@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gisp.data import random_windows, token_stream
+from gisp.core.data import random_windows, token_stream
+from gisp.core.objectives import load_providers
 from gisp.errors import GispError
 
 
@@ -46,6 +47,8 @@ def text_windows(source: str, tokenizer, samples: int, seq_len: int, seed: int) 
 
 
 def build_calibration(objective: str, source: str, tokenizer, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    if objective not in _BUILDERS:
+        load_providers()
     if objective not in _BUILDERS:
         raise GispError(f"no calibration data is defined for objective '{objective}'")
     return _BUILDERS[objective](source, tokenizer, samples, seq_len, seed)

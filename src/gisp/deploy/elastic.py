@@ -6,7 +6,7 @@ at any step keeps a *prefix* of every projection: the first ``h`` query heads,
 the first ``kv`` KV heads and the first ``c`` channels. :class:`ElasticModel`
 reorders the base model's weights once, in place, and then runs each layer on
 prefix views of them; :meth:`ElasticModel.set_sparsity` only changes three
-integers per layer. Its logits equal those of :func:`gisp.export.export` at the
+integers per layer. Its logits equal those of :func:`gisp.deploy.export.export` at the
 same level (to float rounding).
 
 Query heads keep their KV head through an explicit per-layer map, so uneven
@@ -22,10 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gisp.adapters import get_adapter
+from gisp.architectures import get_architecture
+from gisp.architectures.base import AttentionProjections, MLPProjections
+from gisp.architectures.perlayer import attend_mapped, release_kv_slot
+from gisp.architectures.slicing import count_params, plan_layers
+from gisp.core.structures import Layout, block_rows
 from gisp.errors import GispError
-from gisp.export import _release_kv_slot, attend_mapped, count_params, plan_layers
-from gisp.structures import Layout
+from gisp.loading import load_base_model
 from gisp.trajectory import Trajectory
 
 _NEVER = 1 << 62  # removal step of a structure the run never removed
@@ -37,10 +40,6 @@ def _keep_order(steps: list[int], orders: list[int]) -> torch.Tensor:
     return torch.tensor(sorted(range(len(key)), key=lambda i: key[i], reverse=True), dtype=torch.long)
 
 
-def _rows(perm: torch.Tensor, d: int) -> torch.Tensor:
-    return (perm[:, None] * d + torch.arange(d)).flatten()
-
-
 @torch.no_grad()
 def _permute(p: nn.Parameter | None, index: torch.Tensor, dim: int) -> None:
     if p is not None:
@@ -48,7 +47,8 @@ def _permute(p: nn.Parameter | None, index: torch.Tensor, dim: int) -> None:
 
 
 class _Wrapper(nn.Module):
-    """Anything not elastic (q_proj, act_fn, ...) is the wrapped module's, so adapters still find it."""
+    """Anything not elastic (projections, activation, ...) is the wrapped module's, so architectures still
+    find it."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -63,9 +63,11 @@ class _Wrapper(nn.Module):
 class ElasticAttention(_Wrapper):
     """Runs the first ``heads`` query heads (and first ``kv_heads`` KV heads) of a reordered attention."""
 
-    def __init__(self, attention: nn.Module, kv_map: torch.Tensor, removal: dict[str, torch.Tensor]) -> None:
+    def __init__(self, attention: nn.Module, proj: AttentionProjections, kv_map: torch.Tensor,
+                 removal: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.inner = attention
+        self.proj = proj
         for name in ("layer_idx", "head_dim", "scaling", "attention_dropout", "is_causal", "config"):
             setattr(self, name, getattr(attention, name))
         self.sliding_window = getattr(attention, "sliding_window", None)
@@ -82,21 +84,21 @@ class ElasticAttention(_Wrapper):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
                 cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        a, h, d = self.inner, self.heads, self.head_dim
+        a, p, h, d = self.inner, self.proj, self.heads, self.head_dim
         if h == 0:
             if cache is not None:
-                _release_kv_slot(cache, self.layer_idx)
+                release_kv_slot(cache, self.layer_idx)
             out = torch.zeros_like(hidden_states)
-            return (out + a.o_proj.bias if a.o_proj.bias is not None else out), None
+            return (out + p.o.bias if p.o.bias is not None else out), None
         kv = self.kv_heads * d
 
         def bias(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
             return None if p is None else p[:n]
 
-        w = {"q": a.q_proj.weight[: h * d], "q_bias": bias(a.q_proj.bias, h * d),
-             "k": a.k_proj.weight[:kv], "k_bias": bias(a.k_proj.bias, kv),
-             "v": a.v_proj.weight[:kv], "v_bias": bias(a.v_proj.bias, kv),
-             "o": a.o_proj.weight[:, : h * d], "o_bias": a.o_proj.bias}
+        w = {"q": p.q.weight[: h * d], "q_bias": bias(p.q.bias, h * d),
+             "k": p.k.weight[:kv], "k_bias": bias(p.k.bias, kv),
+             "v": p.v.weight[:kv], "v_bias": bias(p.v.bias, kv),
+             "o": p.o.weight[:, : h * d], "o_bias": p.o.bias}
         return attend_mapped(self, hidden_states, position_embeddings, attention_mask, cache, w, self.kv_map[:h],
                              getattr(a, "q_norm", None), getattr(a, "k_norm", None), **kwargs)
 
@@ -104,9 +106,10 @@ class ElasticAttention(_Wrapper):
 class ElasticMLP(_Wrapper):
     """Runs the first ``channels`` channels of a reordered gated MLP."""
 
-    def __init__(self, mlp: nn.Module, removal: torch.Tensor) -> None:
+    def __init__(self, mlp: nn.Module, proj: MLPProjections, removal: torch.Tensor) -> None:
         super().__init__()
         self.inner = mlp
+        self.proj = proj
         self.removal = removal
         self.channels = removal.numel()
 
@@ -114,16 +117,16 @@ class ElasticMLP(_Wrapper):
         self.channels = int((self.removal > step).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, c = self.inner, self.channels
+        p, c = self.proj, self.channels
         if c == 0:
             out = torch.zeros_like(x)
-            return out + m.down_proj.bias if m.down_proj.bias is not None else out
+            return out + p.down.bias if p.down.bias is not None else out
 
         def lin(p: nn.Linear, n: int) -> torch.Tensor:
             return nn.functional.linear(x, p.weight[:n], None if p.bias is None else p.bias[:n])
 
-        hidden = m.act_fn(lin(m.gate_proj, c)) * lin(m.up_proj, c)
-        return nn.functional.linear(hidden, m.down_proj.weight[:, :c], m.down_proj.bias)
+        hidden = self.inner.act_fn(lin(p.gate, c)) * lin(p.up, c)
+        return nn.functional.linear(hidden, p.down.weight[:, :c], p.down.bias)
 
 
 class ElasticModel(nn.Module):
@@ -142,12 +145,13 @@ class ElasticModel(nn.Module):
         self.tokenizer = tokenizer
         self.trajectory = trajectory
         self.layout: Layout = trajectory.layout
-        adapter = get_adapter(model)
+        arch = get_architecture(model)
+        attn_name, mlp_name = arch.attention_modules[0], arch.mlp_modules[0]
         self._attn: list[ElasticAttention] = []
         self._mlp: list[ElasticMLP] = []
-        for i, layer in enumerate(adapter.layers(model)):
+        for i, layer in enumerate(arch.layers(model)):
             s = self.layout.layers[i]
-            att, mlp = adapter.attention(layer), adapter.mlp(layer)
+            att, mlp = arch.attention(layer), arch.mlp(layer)
             hs, ho = trajectory.head_step[i], trajectory.head_order[i]
             q_perm = _keep_order(hs, ho)
             removal = torch.tensor([_NEVER if x == 0 else x for x in hs], dtype=torch.long)
@@ -156,37 +160,35 @@ class ElasticModel(nn.Module):
             kv_perm = torch.argsort(kv_removal, descending=True, stable=True)
             kv_pos = torch.empty_like(kv_perm)
             kv_pos[kv_perm] = torch.arange(s.num_kv_heads)
-            q_rows, kv_rows = _rows(q_perm, s.head_dim), _rows(kv_perm, s.head_dim)
+            q_rows, kv_rows = block_rows(q_perm, s.head_dim), block_rows(kv_perm, s.head_dim)
             for p, idx, dim in ((att.q.weight, q_rows, 0), (att.q.bias, q_rows, 0), (att.k.weight, kv_rows, 0),
                                 (att.k.bias, kv_rows, 0), (att.v.weight, kv_rows, 0), (att.v.bias, kv_rows, 0),
                                 (att.o.weight, q_rows, 1)):
                 _permute(p, idx, dim)
-            layer.self_attn = ElasticAttention(layer.self_attn, kv_pos[group[q_perm]].to(att.q.weight.device),
-                                               {"heads": removal[q_perm], "kv": kv_removal[kv_perm]})
+            kv_map = kv_pos[group[q_perm]].to(att.q.weight.device)
+            elastic_attn = ElasticAttention(getattr(layer, attn_name), att, kv_map,
+                                            {"heads": removal[q_perm], "kv": kv_removal[kv_perm]})
+            setattr(layer, attn_name, elastic_attn)
             c_perm = _keep_order(trajectory.channel_step[i], trajectory.channel_order[i])
             for p, dim in ((mlp.gate.weight, 0), (mlp.gate.bias, 0), (mlp.up.weight, 0), (mlp.up.bias, 0),
                            (mlp.down.weight, 1)):
                 _permute(p, c_perm, dim)
             c_removal = torch.tensor([_NEVER if x == 0 else x for x in trajectory.channel_step[i]])[c_perm]
-            layer.mlp = ElasticMLP(layer.mlp, c_removal)
-            self._attn.append(layer.self_attn)
-            self._mlp.append(layer.mlp)
+            elastic_mlp = ElasticMLP(getattr(layer, mlp_name), mlp, c_removal)
+            setattr(layer, mlp_name, elastic_mlp)
+            self._attn.append(elastic_attn)
+            self._mlp.append(elastic_mlp)
         self.step = 0
         self.set_step(0)
 
     @classmethod
-    def from_run(cls, run: str | Path, *, model: nn.Module | None = None, dtype: str = "auto",
+    def from_run(cls, run: str | Path, *, model: nn.Module | None = None, dtype: str | None = None,
                  device: str = "auto") -> ElasticModel:
-        """Load the run's base model (by its recorded name/path) and make it elastic."""
-        from gisp.loading import load_model
-
+        """Load the run's base model (by its recorded name/path; ``dtype`` default: the run's) and make it elastic."""
         traj = Trajectory.load(run)
         tokenizer = None
         if model is None:
-            name = traj.model.get("path") or traj.model.get("name")
-            if not name or name == "model":
-                raise GispError(f"{run} does not record a loadable base model: pass model= (the unpruned base model)")
-            loaded = load_model(name, dtype=dtype, device=device)
+            loaded = load_base_model(traj.model, dtype=dtype, device=device)
             model, tokenizer = loaded.model, loaded.tokenizer
         return cls(model, traj, tokenizer=tokenizer)
 

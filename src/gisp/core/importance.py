@@ -1,8 +1,9 @@
 """Importance criteria: one score per structure, behind one interface.
 
-Criteria read the model (and, for first-order ones, the gradients already
-accumulated on it) and return :class:`StructureScores`; they never modify
-weights. Block-wise normalisation makes heads and channels comparable so they
+Criteria read the model through its architecture (anything with ``layers``,
+``attention`` and ``mlp``, see :class:`gisp.architectures.Architecture`) and,
+for first-order ones, the gradients already accumulated on it; they return
+:class:`StructureScores` and never modify weights. Block-wise normalisation makes heads and channels comparable so they
 can be ranked in one global list.
 """
 
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from gisp.adapters import ArchAdapter, get_adapter
+from gisp.core.structures import Layout
 from gisp.errors import GispError
-from gisp.structures import Layout
 
 NORMALIZATIONS = ("params", "reference", "none")
 
@@ -37,7 +37,7 @@ class Importance(ABC):
     needs_gradients: ClassVar[bool] = False
 
     @abstractmethod
-    def scores(self, model: nn.Module, layout: Layout, adapter: ArchAdapter | None = None) -> StructureScores:
+    def scores(self, model: nn.Module, layout: Layout, arch: Any) -> StructureScores:
         ...
 
 
@@ -68,12 +68,13 @@ def channel_sums(mlp, use_grad: bool) -> torch.Tensor:
     return cs.double().cpu()
 
 
-def _structure_sums(model: nn.Module, layout: Layout, adapter: ArchAdapter, use_grad: bool) -> StructureScores:
+def structure_sums(model: nn.Module, layout: Layout, arch: Any, use_grad: bool) -> StructureScores:
+    """Per-structure sums of ``|w|`` (``use_grad=False``) or ``|w * grad|`` over every layer."""
     heads, channels = [], []
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in enumerate(arch.layers(model)):
         s = layout.layers[i]
-        heads.append(head_sums(adapter.attention(layer), s.num_heads, s.head_dim, not s.is_gqa, use_grad))
-        channels.append(channel_sums(adapter.mlp(layer), use_grad))
+        heads.append(head_sums(arch.attention(layer), s.num_heads, s.head_dim, not s.is_gqa, use_grad))
+        channels.append(channel_sums(arch.mlp(layer), use_grad))
     return StructureScores(heads, channels)
 
 
@@ -89,8 +90,8 @@ class TaylorImportance(Importance):
     name = "taylor"
     needs_gradients = True
 
-    def scores(self, model: nn.Module, layout: Layout, adapter: ArchAdapter | None = None) -> StructureScores:
-        return _structure_sums(model, layout, adapter or get_adapter(model), use_grad=True)
+    def scores(self, model: nn.Module, layout: Layout, arch: Any) -> StructureScores:
+        return structure_sums(model, layout, arch, use_grad=True)
 
 
 class MagnitudeImportance(Importance):
@@ -98,8 +99,8 @@ class MagnitudeImportance(Importance):
 
     name = "magnitude"
 
-    def scores(self, model: nn.Module, layout: Layout, adapter: ArchAdapter | None = None) -> StructureScores:
-        return _structure_sums(model, layout, adapter or get_adapter(model), use_grad=False)
+    def scores(self, model: nn.Module, layout: Layout, arch: Any) -> StructureScores:
+        return structure_sums(model, layout, arch, use_grad=False)
 
 
 def normalize(scores: StructureScores, layout: Layout, mode: str) -> StructureScores:
@@ -124,16 +125,3 @@ def normalize(scores: StructureScores, layout: Layout, mode: str) -> StructureSc
             heads.append(h / (4 * s.head_dim * s.hidden))
             channels.append(c / (3 * s.intermediate))
     return StructureScores(heads, channels)
-
-
-def prunable_parameters(model: nn.Module, layout: Layout, adapter: ArchAdapter | None = None) -> list[nn.Parameter]:
-    """The projection weights of unprotected layers: the only tensors that need gradients."""
-    adapter = adapter or get_adapter(model)
-    params = []
-    for i, layer in enumerate(adapter.layers(model)):
-        if i in layout.protected:
-            continue
-        att, mlp = adapter.attention(layer), adapter.mlp(layer)
-        params += [att.q.weight, att.k.weight, att.v.weight, att.o.weight]
-        params += [mlp.gate.weight, mlp.up.weight, mlp.down.weight]
-    return params

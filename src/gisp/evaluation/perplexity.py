@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gisp.data import consecutive_windows, token_stream
-from gisp.objectives import token_nll
+from gisp.core.data import consecutive_windows, token_stream
+from gisp.core.objectives import token_nll
 
 
 @torch.no_grad()

@@ -65,7 +65,22 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 register_objective(LanguageModelling)
 
 
+# Packages that define more objectives (and their calibration builders) by registering them on import.
+# They sit above this layer, so they are found by name when a lookup misses, as plugins are.
+PROVIDERS = ("gisp.tasks",)
+
+
+def load_providers() -> None:
+    """Import the packages in :data:`PROVIDERS` so their objectives are registered."""
+    import importlib
+
+    for module in PROVIDERS:
+        importlib.import_module(module)
+
+
 def get_objective(name: str) -> Objective:
+    if name not in _OBJECTIVES:
+        load_providers()
     if name not in _OBJECTIVES:
         raise GispError(f"unknown objective '{name}': use one of {', '.join(sorted(_OBJECTIVES))}")
     return _OBJECTIVES[name]()

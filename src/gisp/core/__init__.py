@@ -1,0 +1,1 @@
+"""The method's model-agnostic parts: structures and masks, importance, ranking, schedules, objectives, data."""

@@ -1,0 +1,204 @@
+"""Deploy many: write one level of a run as a physically smaller, loadable model directory.
+
+Format: a Hugging Face directory (safetensors, ``config.json``, tokenizer,
+generation config, ``gisp_export.json``). When every layer ends with the same
+standard widths (or ``uniform=True`` makes them so) it is a plain checkpoint of
+the base family that loads without gisp; otherwise its config is the family's
+per-layer config (model type ``gisp_<family>``, see
+:mod:`gisp.architectures.perlayer`), which loads with ``AutoModelForCausalLM``
+after ``import gisp`` (no ``trust_remote_code``). How uneven GQA groups are
+written (``gqa``): :mod:`gisp.architectures.slicing`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gisp.architectures import layout_of
+from gisp.architectures.slicing import OutputBiases, count_params, plan_layers, slim_model
+from gisp.core.structures import Layout, Mask
+from gisp.deploy.compensation import compensation_for_step
+from gisp.deploy.levels import levels, select_level
+from gisp.errors import GispError
+from gisp.loading import DTYPES, load_base_model
+from gisp.provenance import atomic_write_text, versions
+from gisp.trajectory import Trajectory
+
+EXPORT_FILE = "gisp_export.json"
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and what it holds."""
+
+    path: Path
+    step: int
+    sparsity: float
+    step_sparsity: float
+    params: int
+    size_bytes: int
+    plain: bool
+    model_type: str
+    mask: Mask = field(repr=False)
+    adjustment: dict[str, Any] | None = None
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _copy_tokenizer(tokenizer: Any, source_path: str | None, out: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+        return
+    if source_path and Path(source_path).is_dir():
+        for f in Path(source_path).iterdir():
+            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy2(f, out / f.name)
+
+
+def save_slim(
+    model: nn.Module,
+    mask: Mask,
+    out: str | Path,
+    *,
+    gqa: str = "map",
+    tokenizer: Any = None,
+    source_path: str | None = None,
+    record: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    compensation: OutputBiases | None = None,
+) -> tuple[Path, nn.Module]:
+    """Slice ``model`` by ``mask`` and write the directory atomically (temp dir, then rename)."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    slim = slim_model(model, mask, gqa=gqa, dtype=dtype, biases=compensation)
+    plans = plan_layers(mask, layout_of(model), gqa)
+    rec = dict(record or {})
+    rec.update({
+        "format": EXPORT_FORMAT,
+        "gqa": gqa,
+        "plain": not slim.config.model_type.startswith("gisp_"),
+        "params": sum(p.numel() for p in slim.parameters()),
+        "dtype": str(next(slim.parameters()).dtype).replace("torch.", ""),
+        "versions": versions(),
+        "layers": [{"heads": p.heads, "kv_heads": p.kv_heads, "kv_head_map": p.kv_map, "channels": p.channels}
+                   for p in plans],
+        "note": "kept indices refer to the base model's layer, in the exported order",
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    old = None
+    try:
+        slim.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(tokenizer, source_path, tmp)
+        _write_record(tmp / EXPORT_FILE, rec)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out, slim
+
+
+def _write_record(path: Path, rec: dict[str, Any]) -> None:
+    """JSON with one line per layer, so thousands of kept indices stay readable."""
+    head = json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=1)
+    layers = ",\n".join("  " + json.dumps(layer, separators=(",", ":")) for layer in rec.get("layers", []))
+    atomic_write_text(path, head[:-2] + ',\n "layers": [\n' + layers + "\n ]\n}\n")
+
+
+def export(
+    run: str | Path | Trajectory,
+    out: str | Path,
+    *,
+    sparsity: float | None = None,
+    step: int | None = None,
+    max_params: str | int | None = None,
+    max_size_gb: float | None = None,
+    round_to: int | None = None,
+    uniform: bool = False,
+    gqa: str = "map",
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write one level of a run as a physically smaller, loadable model directory.
+
+    ``model`` defaults to a fresh load of the run's base model (it must be
+    unpruned: its fingerprint is checked). ``round_to`` makes per-layer widths
+    multiples of N along the global order; ``uniform`` gives every layer one
+    shape so the directory is a plain standard checkpoint. ``gqa`` says how
+    uneven GQA groups are written: ``map`` (each KV head once, per-layer
+    query-to-KV map, smallest KV cache) or ``duplicate`` (KV heads repeated
+    into equal groups: standard attention, larger KV cache); see the module
+    docstring. ``dtype`` (fp32/bf16/fp16) converts the weights; default: the
+    base model's dtype.
+    """
+    traj = run if isinstance(run, Trajectory) else Trajectory.load(run)
+    run_dir = None if isinstance(run, Trajectory) else Path(run)
+    source_path = None
+    if model is None:
+        loaded = load_base_model(traj.model)
+        model, tokenizer, source_path = loaded.model, tokenizer or loaded.tokenizer, loaded.path
+    traj.check_model(model)
+    if dtype is not None and dtype not in DTYPES:
+        raise GispError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype else None
+    all_levels = levels(traj, model, round_to=round_to, uniform=uniform, gqa=gqa, dtype=torch_dtype, run_dir=run_dir)
+    level = select_level(all_levels, traj, sparsity=sparsity, step=step, max_params=max_params,
+                         max_size_gb=max_size_gb)
+    compensation, comp_path = compensation_for_step(run_dir, level.step)
+    if compensation is not None and (uniform or (round_to and round_to > 1)):
+        raise GispError("this level carries FLAP's bias compensation, which holds for its exact mask only: "
+                        "export it without --uniform/--round-to")
+    adjustment = None
+    if uniform or (round_to and round_to > 1):
+        layout = traj.layout
+        before = count_params(model, layout, plan_layers(traj.mask_at_step(level.step), layout, gqa))
+        adjustment = {"kind": "uniform" if uniform else "round_to", "round_to": round_to,
+                      "params_before": before, "params_after": level.params, "params_delta": level.params - before,
+                      "sparsity_before": level.step_sparsity, "sparsity_after": level.sparsity,
+                      "protected_structures_removed": _protected_removed(level.mask, layout)}
+    record = {
+        "source": {"name": traj.model.get("name"), "path": traj.model.get("path"),
+                   "fingerprint": traj.model.get("fingerprint"), "model_type": model.config.model_type},
+        "run": str(run_dir.resolve()) if run_dir is not None else None,
+        "step": level.step,
+        "sparsity": level.sparsity,
+        "step_sparsity": level.step_sparsity,
+        "sparsity_definition": "fraction of decoder-layer linear parameters removed (KV heads counted once)",
+        "selection": {"sparsity": sparsity, "step": step, "max_params": max_params, "max_size_gb": max_size_gb},
+        "round_to": round_to,
+        "uniform": uniform,
+        "adjustment": adjustment,
+        "prune_config": traj.config,
+        "calibration": traj.calibration,
+        "compensation": None if comp_path is None else {
+            "file": str(comp_path.resolve()), "kind": "FLAP bias compensation",
+            "attn_layers": sorted(compensation.attn), "mlp_layers": sorted(compensation.mlp),
+            "written_as": "o_proj/down_proj biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
+    }
+    path, slim = save_slim(model, level.mask, out, gqa=gqa, tokenizer=tokenizer, source_path=source_path,
+                           record=record, dtype=torch_dtype, overwrite=overwrite, biases=compensation)
+    params = sum(p.numel() for p in slim.parameters())
+    return ExportResult(path, level.step, level.sparsity, level.step_sparsity, params,
+                        params * next(slim.parameters()).element_size(), not slim.config.model_type.startswith("gisp_"),
+                        slim.config.model_type, level.mask, adjustment, record)
+
+
+def _protected_removed(mask: Mask, layout: Layout) -> int:
+    return sum(int((~mask.heads[i]).sum() + (~mask.channels[i]).sum()) for i in layout.protected)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and run/model evaluation with provenance."""
