@@ -12,8 +12,7 @@ import importlib
 from typing import Any
 
 from gisp.architectures import install_auto_registration
-
-__version__ = "0.1.0"
+from gisp.version import __version__  # noqa: F401  (the package version)
 
 # public name -> module that defines it
 _PUBLIC = {

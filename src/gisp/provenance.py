@@ -15,7 +15,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from gisp import __version__
+    from gisp.version import __version__
 
     return {
         "gisp": __version__,

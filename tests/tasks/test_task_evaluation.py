@@ -156,7 +156,7 @@ def test_gsm8k_generation_runs(tiny_lm_long, smol_tokenizer):
 
 @pytest.mark.integration
 def test_smollm2_zero_shot_accuracy_is_sane(smollm2):
-    """PIQA ~0.64 and ARC-e ~0.53 for SmolLM2-135M (shared/ASSETS.md); far above chance (0.5 / 0.25)."""
+    """PIQA ~0.64 and ARC-e ~0.53 for SmolLM2-135M (lm-eval conventions); far above chance (0.5 / 0.25)."""
     res = evaluate_tasks(smollm2.model, smollm2.tokenizer, ["piqa", "arc_easy"], limit=100, progress=False)
     assert res["piqa"]["acc_norm"] > 0.56
     assert res["arc_easy"]["acc_norm"] > 0.38

@@ -1,6 +1,6 @@
 """One-shot global Taylor pruning: GISP with a single step.
 
-The paper's ablation (``shared/GISP.md``: one-shot collapses at 50%, WikiText-2
+The paper's ablation (``docs/method.md``: one-shot collapses at 50%, WikiText-2
 ppl 159 vs 64 for Llama-2-7B). Gradients of the mean calibration loss are
 accumulated once on the dense model, structures are scored ``sum |w * g|``,
 normalised as GISP does and cut at one global threshold. Because the scores

