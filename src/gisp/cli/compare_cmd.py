@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 from rich.console import Console
@@ -12,10 +14,12 @@ from rich.table import Table
 
 from gisp.cli.app import app
 from gisp.cli.common import parse_floats
-from gisp.compare import DEFAULT_METHODS, CompareConfig, compare
+from gisp.compare.config import DEFAULT_METHODS, CompareConfig
 from gisp.loading import DEFAULT_MODEL
 
-_D = CompareConfig()
+# The defaults without validating them (validation imports the baselines, and --help must start fast).
+_D = SimpleNamespace(**{f.name: f.default if f.default is not MISSING else f.default_factory()
+                        for f in fields(CompareConfig)})
 
 
 def results_table(results: dict) -> Table:
@@ -58,6 +62,8 @@ def compare_command(
                                    "a task name or a JSONL of {context, choices, answer}."),
 ) -> None:
     """Prune MODEL with every method to every sparsity and evaluate all of them the same way."""
+    from gisp.compare.runner import compare
+
     cfg = CompareConfig(
         model=model, methods=[m.strip() for m in methods.split(",") if m.strip()],
         sparsities=parse_floats(sparsities, "sparsities"), out=str(out), calib=calib, calib_samples=calib_samples,

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from gisp.cli.app import app
 from gisp.cli.common import parse_floats
-from gisp.evaluation.evaluate import evaluate
 from gisp.provenance import atomic_write_json
 
 
@@ -58,6 +57,8 @@ def eval_command(
     json_out: Path = typer.Option(None, "--json", help="Also write the full result (with provenance) here."),
 ) -> None:
     """Evaluate a pruning run at several sparsities from its one trajectory, or a model as it is."""
+    from gisp.evaluation.evaluate import evaluate
+
     result = evaluate(
         target, parse_floats(sparsity), ppl=ppl or None, window=window, max_windows=max_windows,
         tasks=[t for t in tasks.split(",") if t] or None, limit=limit or None, dtype=dtype, device=device,

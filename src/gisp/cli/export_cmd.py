@@ -40,17 +40,15 @@ def export_command(
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
     from gisp.deploy.export import export
     from gisp.deploy.levels import levels
-    from gisp.loading import DTYPES, load_base_model
+    from gisp.loading import load_base_model, torch_dtype
     from gisp.trajectory import Trajectory
 
     if list_levels:
         traj = Trajectory.load(run)
         loaded = load_base_model(traj.model)
         traj.check_model(loaded.model)
-        if dtype is not None and dtype not in DTYPES:
-            raise GispError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
         rows = levels(traj, loaded.model, round_to=round_to, uniform=uniform, gqa=gqa,
-                      dtype=DTYPES[dtype] if dtype else None, run_dir=run)
+                      dtype=torch_dtype(dtype) if dtype else None, run_dir=run)
         extra = (", uniform" if uniform else "") + (f", round_to {round_to}" if round_to else "")
         Console().print(levels_table(rows, f"{traj.model.get('name')}: exportable levels "
                                            f"(params incl. embeddings{extra})"))

@@ -9,7 +9,6 @@ from rich.console import Console
 
 from gisp.cli.app import app
 from gisp.cli.common import parse_floats
-from gisp.layer_report import write_layer_report
 
 
 @app.command("report")
@@ -19,6 +18,8 @@ def report_command(
     out: Path = typer.Option(None, "--out", help="Where to write the plots and layers.md (default: the run)."),
 ) -> None:
     """Per-layer kept fractions of heads and channels (heatmap + line plot) and the paper's two observations."""
+    from gisp.layer_report import write_layer_report
+
     rep = write_layer_report(run, parse_floats(sparsity) if sparsity else None, out)
     console = Console()
     for s in rep.statements():

@@ -29,7 +29,7 @@ from gisp.core.structures import Layout, Mask
 from gisp.deploy.compensation import compensation_for_step
 from gisp.deploy.levels import levels, select_level
 from gisp.errors import GispError
-from gisp.loading import DTYPES, load_base_model
+from gisp.loading import load_base_model, torch_dtype
 from gisp.provenance import atomic_write_text, versions
 from gisp.trajectory import Trajectory
 
@@ -155,10 +155,8 @@ def export(
         loaded = load_base_model(traj.model)
         model, tokenizer, source_path = loaded.model, tokenizer or loaded.tokenizer, loaded.path
     traj.check_model(model)
-    if dtype is not None and dtype not in DTYPES:
-        raise GispError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if dtype else None
-    all_levels = levels(traj, model, round_to=round_to, uniform=uniform, gqa=gqa, dtype=torch_dtype, run_dir=run_dir)
+    weight_dtype = torch_dtype(dtype) if dtype else None
+    all_levels = levels(traj, model, round_to=round_to, uniform=uniform, gqa=gqa, dtype=weight_dtype, run_dir=run_dir)
     level = select_level(all_levels, traj, sparsity=sparsity, step=step, max_params=max_params,
                          max_size_gb=max_size_gb)
     compensation, comp_path = compensation_for_step(run_dir, level.step)
@@ -190,10 +188,10 @@ def export(
         "compensation": None if comp_path is None else {
             "file": str(comp_path.resolve()), "kind": "FLAP bias compensation",
             "attn_layers": sorted(compensation.attn), "mlp_layers": sorted(compensation.mlp),
-            "written_as": "o_proj/down_proj biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
+            "written_as": "o/down projection biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
     }
     path, slim = save_slim(model, level.mask, out, gqa=gqa, tokenizer=tokenizer, source_path=source_path,
-                           record=record, dtype=torch_dtype, overwrite=overwrite, biases=compensation)
+                           record=record, dtype=weight_dtype, overwrite=overwrite, biases=compensation)
     params = sum(p.numel() for p in slim.parameters())
     return ExportResult(path, level.step, level.sparsity, level.step_sparsity, params,
                         params * next(slim.parameters()).element_size(), not slim.config.model_type.startswith("gisp_"),
