@@ -55,7 +55,7 @@ def linear_params(model: nn.Module) -> int:
     return total
 
 
-def _version() -> str:
+def torch_pruning_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -71,7 +71,7 @@ class TorchPruning(Method):
     defaults = {"importance": "magnitude", "batch_size": 8}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "torch_pruning_version": _version(), "global_pruning": False,
+        return {**super().settings(), "torch_pruning_version": torch_pruning_version(), "global_pruning": False,
                 "prune_num_heads": "MHA only", "prune_head_dims": False, "hidden_width": "kept"}
 
     def run(self, model: nn.Module, calib: CalibrationSet, sparsities: list[float], *,

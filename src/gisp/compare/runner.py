@@ -326,9 +326,9 @@ def assemble(cfg: CompareConfig, store: Store, command: str | None = None) -> di
 
 
 def _tp_version() -> str:
-    from gisp.baselines.tp_external import _version
+    from gisp.baselines.tp_external import torch_pruning_version
 
-    return _version()
+    return torch_pruning_version()
 
 
 # outputs ---------------------------------------------------------------------------------------

