@@ -16,7 +16,7 @@ from typing import Any
 
 from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.provenance import atomic_write_json, atomic_write_text
+from gisp.provenance import atomic_write_json, atomic_write_text, save_figure
 from gisp.trajectory import Trajectory
 
 DEFAULT_LEVELS = (0.2, 0.3, 0.4, 0.5)
@@ -148,10 +148,7 @@ def _plots(rep: LayerReport, out: Path, title: str) -> dict[str, str]:
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, fraction=0.04)
     fig.suptitle(title, fontsize=9)
-    path = out / "layers_heatmap.png"
-    fig.savefig(path)
-    plt.close(fig)
-    files["heatmap"] = str(path)
+    files["heatmap"] = str(save_figure(fig, out / "layers_heatmap.png", tight=False))
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(rep.levels)))
@@ -166,11 +163,7 @@ def _plots(rep: LayerReport, out: Path, title: str) -> dict[str, str]:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = out / "layers_lines.png"
-    fig.savefig(path)
-    plt.close(fig)
-    files["lines"] = str(path)
+    files["lines"] = str(save_figure(fig, out / "layers_lines.png"))
     return files
 
 

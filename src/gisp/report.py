@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gisp.provenance import atomic_write_text
+from gisp.provenance import atomic_write_text, save_figure
 
 
 def plot_perplexity(result: dict[str, Any], path: str | Path) -> Path:
@@ -38,12 +38,7 @@ def plot_perplexity(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{result['model']['name']}: one GISP run, every level", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown_report(result: dict[str, Any], command: str, plot: str | None = None) -> str:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from tests.conftest import VARIANTS, tiny_model
-from tests.test_export import TOL, greedy, hand_trajectory, ids, masked, max_diff, n_params, one_thread, pruned
+from tests.deploy.test_export import TOL, greedy, hand_trajectory, ids, masked, max_diff, n_params, one_thread, pruned
 
 import gisp
 from gisp.architectures import apply_mask

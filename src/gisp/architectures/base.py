@@ -66,6 +66,21 @@ class PerLayerConfigMixin:
                 raise ValueError(f"layer {i}: {h} query heads do not split into {kv} KV groups; give kv_head_map")
 
 
+def per_layer_config_class(config_class: type) -> type:
+    """gisp's per-layer variant of a family's config class: model type ``gisp_<family>``, the
+    family's fields plus per-layer overrides (see :class:`PerLayerConfigMixin`) and ``kv_head_map``."""
+    from huggingface_hub.dataclasses import strict
+
+    cls = type(f"Gisp{config_class.__name__}", (PerLayerConfigMixin, config_class), {
+        "__module__": __name__,
+        "__doc__": f"A {config_class.model_type} whose layers may differ in widths (gisp's per-layer export).",
+        "__annotations__": {"kv_head_map": "list[int] | None"},
+        "model_type": f"gisp_{config_class.model_type}",
+        "kv_head_map": None,
+    })
+    return strict(cls)
+
+
 class Architecture(ABC):
     """One decoder-only model family: module layout, shapes, biases and export classes."""
 
@@ -235,3 +250,31 @@ def _zero(t: torch.Tensor | None, dim: int, index: torch.Tensor) -> None:
     """Zero slices along ``dim`` (index_fill_: plain tensor indexing is slow on CPU)."""
     if t is not None:
         t.index_fill_(dim, index.to(t.device), 0)
+
+
+class LlamaLike(Architecture):
+    """A family whose modules follow Llama's names and structure (Mistral, Qwen2, Qwen3, ...).
+
+    A subclass names its ``model_type`` and transformers ``config_class``; its
+    per-layer config class and per-layer model classes follow from them
+    (transformers' ``models.<type>.modeling_<type>`` module, classes prefixed
+    like the config class).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            cls.per_layer_config_class = per_layer_config_class(cls.config_class)
+
+    @classmethod
+    def causal_lm_class(cls) -> type:
+        built = cls.__dict__.get("_causal_lm")
+        if built is None:
+            import importlib
+
+            from gisp.architectures.perlayer import build_llama_like
+
+            hf = importlib.import_module(f"transformers.models.{cls.model_type}.modeling_{cls.model_type}")
+            built = build_llama_like(cls, hf, cls.config_class.__name__.removesuffix("Config"))
+            cls._causal_lm = built
+        return built

@@ -6,27 +6,16 @@ gate/up/down biases; both switches also let an export carry bias compensation.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from gisp.architectures.base import Architecture, PerLayerConfigMixin
+from gisp.architectures.base import LlamaLike
 
 
-@strict
-class GispLlamaConfig(PerLayerConfigMixin, LlamaConfig):
-    """A Llama whose layers may differ in widths (see :mod:`gisp.architectures.perlayer`)."""
-
-    model_type = "gisp_llama"
-    kv_head_map: list[int] | None = None
-
-
-class Llama(Architecture):
+class Llama(LlamaLike):
     model_type = "llama"
     config_class = LlamaConfig
-    per_layer_config_class = GispLlamaConfig
 
     def has_o_bias(self, config: Any) -> bool:
         return bool(getattr(config, "attention_bias", False))
@@ -39,12 +28,3 @@ class Llama(Architecture):
         out.attention_bias = True
         out.mlp_bias = True
         return out
-
-    @classmethod
-    @cache
-    def causal_lm_class(cls) -> type:
-        from transformers.models.llama import modeling_llama
-
-        from gisp.architectures.perlayer import build_llama_like
-
-        return build_llama_like(cls, modeling_llama, "Llama")

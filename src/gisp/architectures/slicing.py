@@ -157,32 +157,31 @@ def slim_state_dict(model: nn.Module, layout: Layout, plans: Sequence[LayerPlan]
     names = _module_names(model)
     drop: list[str] = []
     sliced: dict[str, torch.Tensor] = {}
+    def take_rows(proj: nn.Linear, index: torch.Tensor) -> None:
+        sliced[names[id(proj)] + ".weight"] = proj.weight.index_select(0, index)
+        if proj.bias is not None:
+            sliced[names[id(proj)] + ".bias"] = proj.bias.index_select(0, index)
+
     for i, (layer, plan) in enumerate(zip(arch.layers(model), plans)):
         s = layout.layers[i]
         att, mlp = arch.attention(layer), arch.mlp(layer)
         prefix = names[id(layer)]
+        for kept, modules, out_proj, bias_name in ((plan.heads, arch.attention_modules, att.o, "skipped_attn_bias"),
+                                                   (plan.channels, arch.mlp_modules, mlp.down, "skipped_mlp_bias")):
+            if not kept:  # the block goes; the output bias it always added stays
+                drop += [f"{prefix}.{n}." for n in modules]
+                if out_proj.bias is not None:
+                    sliced[f"{prefix}.{bias_name}"] = out_proj.bias.clone()
         if plan.heads:
             q_rows, kv_rows = block_rows(plan.heads, s.head_dim), block_rows(plan.kv_heads, s.head_dim)
             for proj, rows in ((att.q, q_rows), (att.k, kv_rows), (att.v, kv_rows)):
-                sliced[names[id(proj)] + ".weight"] = proj.weight.index_select(0, rows)
-                if proj.bias is not None:
-                    sliced[names[id(proj)] + ".bias"] = proj.bias.index_select(0, rows)
+                take_rows(proj, rows)
             sliced[names[id(att.o)] + ".weight"] = att.o.weight.index_select(1, q_rows)
-        else:
-            drop += [f"{prefix}.{n}." for n in arch.attention_modules]
-            if att.o.bias is not None:
-                sliced[prefix + ".skipped_attn_bias"] = att.o.bias.clone()
         if plan.channels:
             ch = torch.tensor(plan.channels, dtype=torch.long)
             for proj in (mlp.gate, mlp.up):
-                sliced[names[id(proj)] + ".weight"] = proj.weight.index_select(0, ch)
-                if proj.bias is not None:
-                    sliced[names[id(proj)] + ".bias"] = proj.bias.index_select(0, ch)
+                take_rows(proj, ch)
             sliced[names[id(mlp.down)] + ".weight"] = mlp.down.weight.index_select(1, ch)
-        else:
-            drop += [f"{prefix}.{n}." for n in arch.mlp_modules]
-            if mlp.down.bias is not None:
-                sliced[prefix + ".skipped_mlp_bias"] = mlp.down.bias.clone()
     out = {k: v for k, v in model.state_dict().items() if k not in sliced and not k.startswith(tuple(drop))}
     out.update(sliced)
     return out

@@ -37,7 +37,7 @@ from gisp.baselines.gisp_iterative import GISP
 from gisp.compare.config import CompareConfig
 from gisp.deploy.compensation import Compensation
 from gisp.errors import GispError
-from gisp.provenance import atomic_write_json, atomic_write_text, versions
+from gisp.provenance import atomic_write_json, atomic_write_text, save_figure, versions
 from gisp.trajectory import Trajectory
 
 FORMAT = 1
@@ -447,12 +447,7 @@ def plot_results(results: dict[str, Any], path: str | Path, metric: str = "ppl")
     ax.set_title(f"{results['model'].get('name')}: same calibration and evaluation for every method", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
