@@ -12,6 +12,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m ruff check src tests scripts
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: setup
@@ -19,3 +20,4 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/python -m ruff check src tests scripts
+	$(VENV)/bin/lint-imports --no-cache
