@@ -130,7 +130,7 @@ def main() -> None:
 
     import gisp
     from gisp.importance import prunable_parameters
-    from gisp.prune import PruneConfig, prune
+    from gisp.run import PruneConfig, prune
     from gisp.structures import Layout
 
     loaded = gisp.load_model("smollm2-135m", dtype=args.dtype, device="cpu")

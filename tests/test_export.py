@@ -15,8 +15,8 @@ import gisp
 from gisp.errors import GispError
 from gisp.export import count_params, levels, parse_params, plan_layers, save_slim
 from gisp.loading import fingerprint
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout, Mask
-from gisp.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25)
 TOL = 1e-4

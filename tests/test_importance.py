@@ -6,7 +6,7 @@ from tests.conftest import VARIANTS, random_calib, tiny_model
 
 from gisp.importance import MagnitudeImportance, TaylorImportance, normalize, prunable_parameters
 from gisp.objectives import LanguageModelling
-from gisp.prune import accumulate_gradients
+from gisp.run.gradients import accumulate_gradients
 from gisp.structures import Layout
 
 

@@ -11,9 +11,9 @@ from gisp.evaluate import evaluate  # noqa: E402
 from gisp.export import export, load_pretrained  # noqa: E402
 from gisp.loading import fingerprint, load_model  # noqa: E402
 from gisp.perplexity import perplexity  # noqa: E402
-from gisp.prune import PruneConfig, prune  # noqa: E402
+from gisp.run import PruneConfig, prune  # noqa: E402
 from gisp.structures import Layout, Mask  # noqa: E402
-from gisp.trajectory import Trajectory  # noqa: E402
+from gisp.run.trajectory import Trajectory  # noqa: E402
 
 __all__ = [
     "ArchAdapter", "CalibrationSet", "ElasticModel", "GispError", "Layout", "Mask", "PruneConfig", "Trajectory",

@@ -38,8 +38,8 @@ from gisp.baselines.gisp_iterative import GISP
 from gisp.errors import GispError
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json, atomic_write_text, versions
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout
-from gisp.trajectory import Trajectory
 
 DEFAULT_METHODS = ["gisp", "oneshot", "wanda-sp", "flap", "llm-pruner", "owl", "shortgpt", "magnitude", "random"]
 FORMAT = 1

@@ -25,8 +25,8 @@ from torch import nn
 from gisp.adapters import get_adapter
 from gisp.errors import GispError
 from gisp.export import _release_kv_slot, attend_mapped, count_params, plan_layers
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout
-from gisp.trajectory import Trajectory
 
 _NEVER = 1 << 62  # removal step of a structure the run never removed
 

@@ -16,7 +16,7 @@ from gisp.errors import GispError
 from gisp.loading import fingerprint, load_model
 from gisp.perplexity import perplexity
 from gisp.provenance import atomic_write_json, versions
-from gisp.trajectory import FILENAME, Trajectory
+from gisp.run.trajectory import FILENAME, Trajectory
 
 
 def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_windows: int | None,

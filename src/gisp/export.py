@@ -69,8 +69,8 @@ from transformers.models.qwen3 import modeling_qwen3 as _qwen3
 from gisp.adapters import get_adapter
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_text, versions
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout, Mask
-from gisp.trajectory import Trajectory
 
 if TYPE_CHECKING:  # gisp.baselines imports this module
     from gisp.baselines.compensation import Compensation

@@ -16,8 +16,8 @@ from typing import Any
 
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_json, atomic_write_text
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout, Mask
-from gisp.trajectory import Trajectory
 
 DEFAULT_LEVELS = (0.2, 0.3, 0.4, 0.5)
 

@@ -25,8 +25,8 @@ from torch import nn
 from gisp.calibration import CalibrationSet
 from gisp.errors import GispError
 from gisp.provenance import versions
+from gisp.run.trajectory import Trajectory
 from gisp.structures import Layout, Mask
-from gisp.trajectory import Trajectory
 
 
 @dataclass

@@ -19,7 +19,7 @@ from gisp.baselines.selection import global_masks
 from gisp.calibration import CalibrationSet
 from gisp.importance import StructureScores, TaylorImportance, normalize, prunable_parameters
 from gisp.objectives import get_objective
-from gisp.prune import accumulate_gradients, restore_grad_dtype
+from gisp.run.gradients import accumulate_gradients, restore_grad_dtype
 from gisp.structures import Layout
 
 

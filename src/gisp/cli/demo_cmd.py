@@ -16,8 +16,8 @@ from gisp.evaluate import evaluate
 from gisp.layer_report import write_layer_report
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json
-from gisp.prune import PruneConfig
 from gisp.report import write_report
+from gisp.run import PruneConfig
 
 
 @app.command("demo")

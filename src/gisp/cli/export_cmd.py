@@ -40,7 +40,7 @@ def export_command(
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
     from gisp.export import export, levels
     from gisp.loading import DTYPES, load_model
-    from gisp.trajectory import Trajectory
+    from gisp.run.trajectory import Trajectory
 
     if list_levels:
         traj = Trajectory.load(run)

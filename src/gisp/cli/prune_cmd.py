@@ -8,13 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gisp import distributed
 from gisp.calibration import build_calibration
 from gisp.cli.app import app
 from gisp.errors import GispError
 from gisp.loading import DEFAULT_MODEL, fingerprint, load_model
-from gisp.prune import GRAD_ACCUM, PruneConfig, prune
-from gisp.trajectory import Trajectory
+from gisp.run import PruneConfig, distributed, prune
+from gisp.run.config import GRAD_ACCUM
+from gisp.run.trajectory import Trajectory
 
 _DEFAULTS = PruneConfig()
 

@@ -7,9 +7,9 @@ import torch
 from tests.conftest import VARIANTS, random_calib, tiny_model
 
 import gisp
+from gisp.run.trajectory import Trajectory
 from gisp.schedule import targets
 from gisp.structures import Layout, Mask
-from gisp.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
 
@@ -151,7 +151,7 @@ def test_crash_mid_step_then_resume(tmp_path, monkeypatch):
     """A run that dies inside a step keeps its last completed step on disk and resumes to the same end."""
     import importlib
 
-    prune_mod = importlib.import_module("gisp.prune")  # the module, not the function gisp.prune
+    prune_mod = importlib.import_module("gisp.run.loop")  # the loop module, which calls accumulate_gradients
 
     config = gisp.PruneConfig(**CFG)
     full = gisp.prune(tiny_model(), config, random_calib(), progress=False)
