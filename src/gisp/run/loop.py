@@ -36,7 +36,7 @@ from gisp.ranking import apply_picks, select
 from gisp.run import distributed
 from gisp.run.config import PruneConfig, resume_conflicts
 from gisp.run.gradients import accumulate_gradients, activation_checkpointing, evaluate_objective, restore_grad_dtype
-from gisp.run.trajectory import FILENAME, Trajectory
+from gisp.run.trajectory import FILENAME, StepRecord, Trajectory
 from gisp.schedule import targets
 from gisp.shrink import ShrunkModel
 from gisp.structures import Layout
@@ -147,8 +147,6 @@ def prune(
     traj = _existing_run_all_ranks(run_path, resume, config, info, layout)
     if traj is None:
         traj = Trajectory.start(layout, config.to_dict(), info, calib.provenance, versions())
-        traj.steps.append({"step": 0, "target": 0.0, "sparsity": 0.0, "kept_params": layout.dense_params,
-                           "calib_loss": None, "heads_removed": 0, "channels_removed": 0, "seconds": 0.0})
     elif traj.completed:
         traj.mask_at_step(traj.last_step).apply(model, adapter)
         return traj
@@ -163,7 +161,7 @@ def prune(
     for p in params:
         p.requires_grad_(True)
 
-    order = 1 + max((max(o) for o in traj.head_order + traj.channel_order if o), default=-1)
+    order = traj.next_order()
     done_here = 0
     bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not (progress and main),
                unit="step")
@@ -194,7 +192,7 @@ def prune(
                                                 grad_accum_dtype=config.grad_accum_dtype)
                 else:  # the sliced copy has no prunable block left: nothing to score, the loss still counts
                     loss = evaluate_objective(work, objective, calib, config.batch_size, config.autocast)
-                traj.steps[-1]["calib_loss"] = loss  # loss of the previous step's mask
+                traj.set_loss(step - 1, loss)  # loss of the previous step's mask
                 t1 = time.perf_counter()
                 raw = importance.scores(model, layout, adapter) if shrunk is None else shrunk.taylor_scores()
                 scores = normalize(raw, layout, config.normalize)
@@ -215,40 +213,24 @@ def prune(
                     shrunk.remove(picks)
                 mask = new_mask
                 t4 = time.perf_counter()
-                for p in picks:
-                    if p.kind == "head":
-                        traj.head_step[p.layer][p.index] = step
-                        traj.head_order[p.layer][p.index] = order
-                    else:
-                        traj.channel_step[p.layer][p.index] = step
-                        traj.channel_order[p.layer][p.index] = order
-                    order += 1
-                rec = {
-                    "step": step,
-                    "target": schedule[step - 1],
-                    "sparsity": mask.sparsity(layout),
-                    "kept_params": mask.kept_params(layout),
-                    "calib_loss": None,
-                    "heads_removed": sum(int((~h).sum()) for h in mask.heads),
-                    "channels_removed": sum(int((~c).sum()) for c in mask.channels),
-                }
-                if every:
-                    rec["work_params"] = model_params if shrunk is None else shrunk.params
+                rec = StepRecord.of_mask(step, schedule[step - 1], mask, layout,
+                                         work_params=(model_params if shrunk is None else shrunk.params) if every
+                                         else None)
                 t5 = time.perf_counter()
-                rec.update({"seconds": t5 - t0 + t_shrink, "gradient_seconds": t1 - t0, "timing": {
+                rec.seconds, rec.gradient_seconds, rec.timing = t5 - t0 + t_shrink, t1 - t0, {
                     "processes": world, "scoring": t2 - t1, "selection": t3 - t2, "masking": t4 - t3,
-                    "bookkeeping": t5 - t4, "shrink": t_shrink, "save": 0.0}})
-                traj.steps.append(rec)
+                    "bookkeeping": t5 - t4, "shrink": t_shrink, "save": 0.0}
+                order = traj.record_step(rec, picks, order)
                 if step == config.steps:  # the final mask's loss needs one more forward pass
-                    rec["calib_loss"] = evaluate_objective(work, objective, calib, config.batch_size,
-                                                           config.autocast)
+                    traj.set_loss(step, evaluate_objective(work, objective, calib, config.batch_size,
+                                                           config.autocast))
                     traj.completed = True
                 if run_path is not None and main:
                     t6 = time.perf_counter()
                     traj.save(run_path)
-                    rec["timing"]["save"] = time.perf_counter() - t6
+                    traj.set_timing(step, "save", time.perf_counter() - t6)
                 bar.update(1)
-                bar.set_postfix(sparsity=f"{rec['sparsity']:.3f}", loss=f"{loss:.3f}")
+                bar.set_postfix(sparsity=f"{rec.sparsity:.3f}", loss=f"{loss:.3f}")
                 done_here += 1
                 if stop_after is not None and done_here >= stop_after and not traj.completed:
                     break
