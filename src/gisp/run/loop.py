@@ -1,18 +1,31 @@
 """GISP: global iterative structured pruning, one verb.
 
-``prune(model, config, calib) -> Trajectory``: at every step, accumulate the
-objective's gradient over the whole calibration set on the masked model, score
-every head and channel (first-order Taylor), normalise per block type, rank
-globally and remove the lowest until the step's target. Removed structures stay
-removed, so the masks are nested and one run yields every sparsity level. The
-run directory is checkpointed atomically after each step and resumes exactly.
+``prune(model, config, calib) -> Trajectory`` is the paper's algorithm (see
+docs/method.md). After preparing the run (or resuming it from its directory),
+every step
+
+1. **gradients**: accumulates the objective's gradient over the whole
+   calibration set on the masked model (:mod:`gisp.run.gradients`);
+2. **score**: scores every head and channel (first-order Taylor) and
+   normalises per block type;
+3. **select**: ranks all structures globally and picks the lowest until the
+   step's target sparsity;
+4. **remove**: masks the picks in the model (and slices them out of the
+   working copy, when there is one);
+5. **record**: writes the step into the trajectory and checkpoints the run
+   directory atomically.
+
+Removed structures stay removed, so the masks are nested and one run yields
+every sparsity level; a run resumes exactly from its last saved step.
 
 Scale (``docs/scaling.md``): gradients exist only for prunable weights;
 ``grad_checkpointing`` trades one extra forward for the stored activations;
 ``grad_accum_dtype`` says in which precision the calibration-set gradient is
-summed; under ``torchrun``/``accelerate launch`` every rank takes a shard of the
-calibration set and the shard gradients are summed by one all-reduce
-(:mod:`gisp.run.distributed`), so every rank picks what one process would.
+summed; ``shrink_every`` runs later steps on a physically sliced copy
+(:mod:`gisp.shrink`); under ``torchrun``/``accelerate launch`` every rank takes
+a shard of the calibration set and the shard gradients are summed by one
+all-reduce (:mod:`gisp.run.distributed`), so every rank picks what one process
+would, and rank 0's picks are broadcast to make sure.
 """
 
 from __future__ import annotations
@@ -20,26 +33,205 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from gisp.adapters import get_adapter
+from gisp.adapters import ArchAdapter, get_adapter
 from gisp.calibration import CalibrationSet
 from gisp.errors import GispError
-from gisp.importance import TaylorImportance, normalize, prunable_parameters
-from gisp.objectives import get_objective
+from gisp.importance import StructureScores, TaylorImportance, normalize, prunable_parameters
+from gisp.objectives import Objective, get_objective
 from gisp.provenance import versions
-from gisp.ranking import apply_picks, select
+from gisp.ranking import Pick, apply_picks, select
 from gisp.run import distributed
 from gisp.run.config import PruneConfig, resume_conflicts
 from gisp.run.gradients import accumulate_gradients, activation_checkpointing, evaluate_objective, restore_grad_dtype
 from gisp.run.trajectory import FILENAME, StepRecord, Trajectory
 from gisp.schedule import targets
 from gisp.shrink import ShrunkModel
-from gisp.structures import Layout
+from gisp.structures import Layout, Mask
+
+T = TypeVar("T")
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: CalibrationSet,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    model_info: dict[str, Any] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Trajectory:
+    """Run GISP on ``model`` (masked in place) and return its trajectory.
+
+    With ``run_dir`` the trajectory is saved after every step; ``resume=True``
+    continues a run from its last completed step. ``stop_after`` ends the call
+    after that many steps of this call (used to test resumption).
+
+    Inside an initialised process group (``torchrun``; see
+    :mod:`gisp.run.distributed`) every rank must call this with the same model,
+    config and calibration set: each computes gradients on its shard, all apply
+    the same picks, and only rank 0 writes ``run_dir``.
+
+    Each step's record carries ``seconds`` (the step without the file write),
+    ``gradient_seconds`` (forward+backward over the calibration set, all-reduce
+    included) and ``timing``: the rest split into scoring, selection, masking,
+    bookkeeping, plus ``shrink`` (slicing the working copy), ``save`` (the
+    trajectory write, known only after it: the file shows it from the next
+    write on) and ``processes``.
+    """
+    run = _prepare(model, config, calib, model_info, run_dir)
+    traj = _start_or_resume(run, resume)
+    if traj.completed:
+        return traj
+    state = _LoopState(mask=traj.mask_at_step(traj.last_step), order=traj.next_order())
+    first = traj.last_step + 1
+    bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", unit="step",
+               disable=not (progress and distributed.is_main()))
+    _only_prunable_weights_get_gradients(model, run.params)
+    try:
+        with activation_checkpointing(model, config.grad_checkpointing):
+            for step in range(first, config.steps + 1):
+                clock = _Clock()
+                clock("shrink", _shrink_if_due(run, state, step))
+                loss = clock("gradients", _gradients(run, state))
+                traj.set_loss(step - 1, loss)  # the gradients ran on the previous step's mask
+                scores = clock("scoring", _score_step(run, state))
+                picks = clock("selection", _select(run, state, scores, step))
+                clock("masking", _remove(run, state, picks))
+                record = clock("bookkeeping", _measure(run, state, step))
+                state.order = traj.record_step(clock.stamp(record, run.world), picks, state.order)
+                if step == config.steps:
+                    _finish(run, state, traj, step)
+                _save(run, traj, step)
+                bar.update(1)
+                bar.set_postfix_str(_progress_text(traj, step))
+                if stop_after is not None and step - first + 1 >= stop_after and not traj.completed:
+                    break
+    finally:
+        bar.close()
+        _release(model, state)
+    return traj
+
+
+# the run and its state -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What stays fixed for all steps of a run."""
+
+    model: nn.Module
+    config: PruneConfig
+    calib: CalibrationSet
+    layout: Layout
+    adapter: ArchAdapter
+    objective: Objective
+    params: list[nn.Parameter]
+    """The prunable weights: the only ones that get gradients."""
+    schedule: list[float]
+    """Target sparsity of each step (step ``k`` at index ``k - 1``)."""
+    info: dict[str, Any]
+    """The base-model record the trajectory carries (name, fingerprint, sizes, dtype)."""
+    path: Path | None
+    model_params: int
+    world: int
+
+
+@dataclass
+class _LoopState:
+    """What changes from step to step."""
+
+    mask: Mask
+    """Structures kept so far (the base model carries it as zeros)."""
+    order: int
+    """Position in the global pruning order that the next removed structure takes."""
+    shrunk: ShrunkModel | None = None
+    """The physically sliced working copy (``shrink_every``), if one was made."""
+    shrunk_ctx: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """Activation checkpointing of the working copy."""
+
+    def work(self, model: nn.Module) -> nn.Module:
+        """The network the gradients run on: the sliced copy if there is one, else the masked model."""
+        return model if self.shrunk is None else self.shrunk.model
+
+    def drop_shrunk(self) -> None:
+        self.shrunk_ctx.close()
+        self.shrunk_ctx = contextlib.ExitStack()
+        self.shrunk = None
+
+
+class _Clock:
+    """Seconds of a step's phases: ``clock(phase, value)`` ends ``phase`` (begun at the previous phase's end)
+    after ``value`` was computed and passes ``value`` on."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, phase: str, value: T) -> T:
+        now = time.perf_counter()
+        self.parts[phase] = now - self._t
+        self._t = now
+        return value
+
+    def stamp(self, record: StepRecord, processes: int) -> StepRecord:
+        """``record`` with the step's seconds, gradient seconds and timing (``save`` follows the write)."""
+        p = self.parts
+        record.seconds = sum(p.values())
+        record.gradient_seconds = p["gradients"]
+        record.timing = {"processes": processes, "scoring": p["scoring"], "selection": p["selection"],
+                         "masking": p["masking"], "bookkeeping": p["bookkeeping"], "shrink": p["shrink"],
+                         "save": 0.0}
+        return record
+
+
+# preparing and resuming ------------------------------------------------------------------------------
+
+
+def _prepare(model: nn.Module, config: PruneConfig, calib: CalibrationSet, model_info: dict[str, Any] | None,
+             run_dir: str | Path | None) -> _Run:
+    if len(calib) == 0:
+        raise GispError("the calibration set is empty: give more calibration text or samples")
+    adapter = get_adapter(model)
+    layout = Layout.from_model(model, config.protect_first, config.protect_last)
+    objective = get_objective(config.objective)
+    params = prunable_parameters(model, layout, adapter)
+    _check_placement(params)
+    return _Run(
+        model=model, config=config, calib=calib, layout=layout, adapter=adapter, objective=objective,
+        params=params, schedule=targets(config.schedule, config.target, config.steps),
+        info=_model_info(model, layout, model_info), path=Path(run_dir) if run_dir is not None else None,
+        model_params=sum(p.numel() for p in model.parameters()), world=distributed.world_size(),
+    )
+
+
+def _model_info(model: nn.Module, layout: Layout, given: dict[str, Any] | None) -> dict[str, Any]:
+    from gisp.loading import fingerprint
+
+    info = dict(given or {})
+    info.setdefault("name", getattr(model.config, "_name_or_path", "model"))
+    info["model_type"] = model.config.model_type
+    info.setdefault("fingerprint", fingerprint(model))
+    info["dense_params"] = layout.dense_params
+    info["weight_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    return info
+
+
+def _start_or_resume(run: _Run, resume: bool) -> Trajectory:
+    """A new trajectory (dense step 0), or the run directory's, whose last mask is then applied to the model."""
+    traj = _existing_run_all_ranks(run.path, resume, run.config, run.info, run.layout)
+    if traj is None:
+        return Trajectory.start(run.layout, run.config.to_dict(), run.info, run.calib.provenance, versions())
+    traj.mask_at_step(traj.last_step).apply(run.model, run.adapter)
+    return traj
 
 
 def _check_placement(params: list[nn.Parameter]) -> None:
@@ -97,149 +289,118 @@ def _existing_run_all_ranks(run_path: Path | None, resume: bool, config: PruneCo
     return state[1]
 
 
-def prune(
-    model: nn.Module,
-    config: PruneConfig,
-    calib: CalibrationSet,
-    *,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    model_info: dict[str, Any] | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> Trajectory:
-    """Run GISP on ``model`` (masked in place) and return its trajectory.
-
-    With ``run_dir`` the trajectory is saved after every step; ``resume=True``
-    continues a run from its last completed step. ``stop_after`` ends the call
-    after that many steps of this call (used to test resumption).
-
-    Inside an initialised process group (``torchrun``; see
-    :mod:`gisp.distributed`) every rank must call this with the same model,
-    config and calibration set: each computes gradients on its shard, all apply
-    the same picks, and only rank 0 writes ``run_dir``.
-
-    Each step's record carries ``seconds`` (the step without the file write),
-    ``gradient_seconds`` (forward+backward over the calibration set, all-reduce
-    included) and ``timing``: the rest split into scoring, selection, masking,
-    bookkeeping, plus ``save`` (the trajectory write, known only after it: the
-    file shows it from the next write on) and ``processes``.
-    """
-    from gisp.loading import fingerprint
-
-    if len(calib) == 0:
-        raise GispError("the calibration set is empty: give more calibration text or samples")
-    adapter = get_adapter(model)
-    layout = Layout.from_model(model, config.protect_first, config.protect_last)
-    objective = get_objective(config.objective)
-    params = prunable_parameters(model, layout, adapter)
-    _check_placement(params)
-    info = dict(model_info or {})
-    info.setdefault("name", getattr(model.config, "_name_or_path", "model"))
-    info["model_type"] = model.config.model_type
-    info.setdefault("fingerprint", fingerprint(model))
-    info["dense_params"] = layout.dense_params
-    info["weight_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-
-    main = distributed.is_main()
-    world = distributed.world_size()
-    run_path = Path(run_dir) if run_dir is not None else None
-    traj = _existing_run_all_ranks(run_path, resume, config, info, layout)
-    if traj is None:
-        traj = Trajectory.start(layout, config.to_dict(), info, calib.provenance, versions())
-    elif traj.completed:
-        traj.mask_at_step(traj.last_step).apply(model, adapter)
-        return traj
-    else:
-        traj.mask_at_step(traj.last_step).apply(model, adapter)
-
-    mask = traj.mask_at_step(traj.last_step)
-    schedule = targets(config.schedule, config.target, config.steps)
-    importance = TaylorImportance()
+def _only_prunable_weights_get_gradients(model: nn.Module, params: list[nn.Parameter]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
 
-    order = traj.next_order()
-    done_here = 0
-    bar = tqdm(total=config.steps, initial=traj.last_step, desc="GISP steps", disable=not (progress and main),
-               unit="step")
-    every = config.shrink_every
-    model_params = sum(p.numel() for p in model.parameters())
-    shrunk: ShrunkModel | None = None
-    work_ctx = contextlib.ExitStack()
-    try:
-        with activation_checkpointing(model, config.grad_checkpointing):
-            for step in range(traj.last_step + 1, config.steps + 1):
-                t0 = time.perf_counter()
-                if every and step > 1 and ((step - 1) % every == 0 or (shrunk is None and step - 1 > every)):
-                    work_ctx.close()
-                    shrunk = None  # free the previous copy before slicing the next one
-                    shrunk = ShrunkModel(model, mask, layout)
-                    for p in (*model.parameters(), *shrunk.model.parameters()):
-                        p.requires_grad_(False)
-                    for p in shrunk.prunable:
-                        p.requires_grad_(True)
-                    work_ctx = contextlib.ExitStack()
-                    work_ctx.enter_context(activation_checkpointing(shrunk.model, config.grad_checkpointing))
-                work = model if shrunk is None else shrunk.model
-                t_shrink = time.perf_counter() - t0
-                work.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                if shrunk is None or shrunk.prunable:
-                    loss = accumulate_gradients(work, objective, calib, config.batch_size, config.autocast,
-                                                grad_accum_dtype=config.grad_accum_dtype)
-                else:  # the sliced copy has no prunable block left: nothing to score, the loss still counts
-                    loss = evaluate_objective(work, objective, calib, config.batch_size, config.autocast)
-                traj.set_loss(step - 1, loss)  # loss of the previous step's mask
-                t1 = time.perf_counter()
-                raw = importance.scores(model, layout, adapter) if shrunk is None else shrunk.taylor_scores()
-                scores = normalize(raw, layout, config.normalize)
-                del raw
-                work.zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
-                t2 = time.perf_counter()
-                picks = select(scores, mask, layout, schedule[step - 1], config.schedule_unit)
-                del scores
-                if distributed.active():
-                    picks, same = distributed.broadcast_picks(picks)
-                    if not same:
-                        warnings.warn(f"rank {distributed.rank()} selected other structures than rank 0 at step "
-                                      f"{step}; using rank 0's (gradients were not bit-identical)", stacklevel=2)
-                t3 = time.perf_counter()
-                new_mask = apply_picks(mask, picks)
-                new_mask.apply(model, adapter, since=mask)
-                if shrunk is not None:
-                    shrunk.remove(picks)
-                mask = new_mask
-                t4 = time.perf_counter()
-                rec = StepRecord.of_mask(step, schedule[step - 1], mask, layout,
-                                         work_params=(model_params if shrunk is None else shrunk.params) if every
-                                         else None)
-                t5 = time.perf_counter()
-                rec.seconds, rec.gradient_seconds, rec.timing = t5 - t0 + t_shrink, t1 - t0, {
-                    "processes": world, "scoring": t2 - t1, "selection": t3 - t2, "masking": t4 - t3,
-                    "bookkeeping": t5 - t4, "shrink": t_shrink, "save": 0.0}
-                order = traj.record_step(rec, picks, order)
-                if step == config.steps:  # the final mask's loss needs one more forward pass
-                    traj.set_loss(step, evaluate_objective(work, objective, calib, config.batch_size,
-                                                           config.autocast))
-                    traj.completed = True
-                if run_path is not None and main:
-                    t6 = time.perf_counter()
-                    traj.save(run_path)
-                    traj.set_timing(step, "save", time.perf_counter() - t6)
-                bar.update(1)
-                bar.set_postfix(sparsity=f"{rec.sparsity:.3f}", loss=f"{loss:.3f}")
-                done_here += 1
-                if stop_after is not None and done_here >= stop_after and not traj.completed:
-                    break
-    finally:
-        bar.close()
-        work_ctx.close()
-        shrunk = None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.zero_grad(set_to_none=True)
-        restore_grad_dtype(model)
-    return traj
+
+# the steps -------------------------------------------------------------------------------------------
+
+
+def _shrink_due(step: int, every: int, have_copy: bool) -> bool:
+    """Slice a new working copy before ``step``: every ``every`` steps (never before step 2), and at once in a
+    resumed run that is past its first slicing."""
+    if not every or step == 1:
+        return False
+    return (step - 1) % every == 0 or (not have_copy and step - 1 > every)
+
+
+def _shrink_if_due(run: _Run, state: _LoopState, step: int) -> None:
+    """``shrink_every``: replace the working copy by one sliced to the current mask (:mod:`gisp.shrink`)."""
+    if not _shrink_due(step, run.config.shrink_every, state.shrunk is not None):
+        return
+    state.drop_shrunk()  # free the previous copy before slicing the next one
+    state.shrunk = ShrunkModel(run.model, state.mask, run.layout)
+    for p in (*run.model.parameters(), *state.shrunk.model.parameters()):
+        p.requires_grad_(False)
+    for p in state.shrunk.prunable:
+        p.requires_grad_(True)
+    state.shrunk_ctx.enter_context(activation_checkpointing(state.shrunk.model, run.config.grad_checkpointing))
+
+
+def _gradients(run: _Run, state: _LoopState) -> float:
+    """Step 1: the objective's gradient over the calibration set, left in ``.grad``; returns the mean loss of
+    the current mask."""
+    c, work = run.config, state.work(run.model)
+    work.zero_grad(set_to_none=True)
+    if state.shrunk is not None and not state.shrunk.prunable:
+        # the sliced copy has no prunable block left: nothing to score, the loss still counts
+        return evaluate_objective(work, run.objective, run.calib, c.batch_size, c.autocast)
+    return accumulate_gradients(work, run.objective, run.calib, c.batch_size, c.autocast,
+                                grad_accum_dtype=c.grad_accum_dtype)
+
+
+def _score_step(run: _Run, state: _LoopState) -> StructureScores:
+    """Step 2: first-order Taylor score of every head and channel (base-model indices), normalised per block
+    type; the gradients are freed."""
+    raw = (TaylorImportance().scores(run.model, run.layout, run.adapter) if state.shrunk is None
+           else state.shrunk.taylor_scores())
+    scores = normalize(raw, run.layout, run.config.normalize)
+    del raw
+    state.work(run.model).zero_grad(set_to_none=True)  # free the gradients before anything else is allocated
+    return scores
+
+
+def _select(run: _Run, state: _LoopState, scores: StructureScores, step: int) -> list[Pick]:
+    """Step 3: rank every kept structure globally; the lowest go until the step's target is reached. With
+    several processes, rank 0's picks are used by all."""
+    picks = select(scores, state.mask, run.layout, run.schedule[step - 1], run.config.schedule_unit)
+    if distributed.active():
+        picks, same = distributed.broadcast_picks(picks)
+        if not same:
+            warnings.warn(f"rank {distributed.rank()} selected other structures than rank 0 at step {step}; "
+                          "using rank 0's (gradients were not bit-identical)", stacklevel=3)
+    return picks
+
+
+def _remove(run: _Run, state: _LoopState, picks: list[Pick]) -> None:
+    """Step 4: mask the picks in the model (only what changed) and slice them out of the working copy."""
+    mask = apply_picks(state.mask, picks)
+    mask.apply(run.model, run.adapter, since=state.mask)
+    if state.shrunk is not None:
+        state.shrunk.remove(picks)
+    state.mask = mask
+
+
+def _measure(run: _Run, state: _LoopState, step: int) -> StepRecord:
+    """Step 5: the step's record (sparsity, kept parameters, removed structures) of the new mask."""
+    work_params = None
+    if run.config.shrink_every:
+        work_params = run.model_params if state.shrunk is None else state.shrunk.params
+    return StepRecord.of_mask(step, run.schedule[step - 1], state.mask, run.layout, work_params=work_params)
+
+
+def _finish(run: _Run, state: _LoopState, traj: Trajectory, step: int) -> None:
+    """The last step: its mask's loss needs one more forward pass; the run is complete."""
+    c = run.config
+    traj.set_loss(step, evaluate_objective(state.work(run.model), run.objective, run.calib, c.batch_size,
+                                           c.autocast))
+    traj.completed = True
+
+
+def _save(run: _Run, traj: Trajectory, step: int) -> None:
+    """Checkpoint the run directory (rank 0 only); the write's own time shows from the next write on."""
+    if run.path is None or not distributed.is_main():
+        return
+    t0 = time.perf_counter()
+    traj.save(run.path)
+    traj.set_timing(step, "save", time.perf_counter() - t0)
+
+
+def _progress_text(traj: Trajectory, step: int) -> str:
+    """The progress bar's postfix: the step's sparsity, and the latest calibration loss next to the sparsity of
+    the mask it was measured on (a step's gradient pass measures the previous step's mask)."""
+    rec = traj.record(step)
+    measured = rec if rec.calib_loss is not None else traj.record(step - 1)
+    return f"sparsity={rec.sparsity:.3f}, loss={measured.calib_loss:.3f} at sparsity {measured.sparsity:.3f}"
+
+
+def _release(model: nn.Module, state: _LoopState) -> None:
+    """Whatever happened: no working copy, no gradients, no ``requires_grad``, gradient dtypes restored."""
+    state.drop_shrunk()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    restore_grad_dtype(model)
