@@ -5,7 +5,7 @@ On SmolLM2-135M: time plain forward+backward passes over the calibration set
 step into its gradient pass and the rest (scoring, selection, masking,
 bookkeeping, trajectory write). Also times the selection alone on synthetic
 scores for SmolLM2, Llama-2-7B and Llama-2-70B layouts, against the original
-per-candidate loop (kept in tests/test_memory.py as the behavioural
+per-candidate loop (kept in tests/test_ranking.py as the behavioural
 reference), and the full vs incremental mask application.
 
     python scripts/bench_overhead.py                  # -> docs/bench_scale.md (section "overhead")
@@ -57,7 +57,7 @@ def layouts() -> dict[str, object]:
 
 
 def time_select(reps: int, with_reference: bool) -> list[dict]:
-    from tests.test_memory import _reference_select
+    from tests.test_ranking import _reference_select
 
     from gisp.importance import StructureScores
     from gisp.ranking import select

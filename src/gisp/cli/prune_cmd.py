@@ -21,7 +21,7 @@ def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, de
               device_map: str | None = None) -> Trajectory:
     """Load, build calibration data, prune; the shared path of ``prune`` and ``demo``.
 
-    Under torchrun / accelerate launch (WORLD_SIZE > 1) every rank runs this; see gisp.distributed.
+    Under torchrun / accelerate launch (WORLD_SIZE > 1) every rank runs this; see gisp.run.distributed.
     """
     if distributed.init_from_env() and device_map is not None:
         raise GispError("--device-map and several processes cannot be combined yet: use one or the other")

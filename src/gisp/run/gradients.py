@@ -116,7 +116,7 @@ def accumulate_gradients(
 ) -> float:
     """Leave the gradient of the mean per-sample loss in ``.grad``; return that mean loss.
 
-    Distributed (:func:`gisp.distributed.active`): this rank runs its shard of
+    Distributed (:func:`gisp.run.distributed.active`): this rank runs its shard of
     the samples, each loss divided by the TOTAL sample count, and the gradients
     and the loss sum are all-reduced, so every rank ends with the gradient of the
     whole set's mean loss. With ``grad_accum_dtype='fp32'`` low-precision
