@@ -10,6 +10,6 @@
 
 from gisp.run.config import PruneConfig
 from gisp.run.loop import prune
-from gisp.run.trajectory import Trajectory
+from gisp.run.trajectory import StepRecord, Trajectory
 
-__all__ = ["PruneConfig", "Trajectory", "prune"]
+__all__ = ["PruneConfig", "StepRecord", "Trajectory", "prune"]
