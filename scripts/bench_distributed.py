@@ -32,8 +32,7 @@ def worker(out: Path, cfg: dict) -> None:
     import torch
 
     import gisp
-    from gisp import distributed
-    from gisp.prune import PruneConfig, prune
+    from gisp.run import PruneConfig, distributed, prune
 
     distributed.init_from_env()
     r = distributed.rank()

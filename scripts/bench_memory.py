@@ -53,8 +53,7 @@ def child(cfg: dict) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401  (model code counted in the baseline)
 
     import gisp
-    from gisp import memory
-    from gisp.prune import PruneConfig, prune
+    from gisp.run import PruneConfig, memory, prune
 
     device = torch.device(cfg["device"])
     gc.collect()

@@ -59,7 +59,7 @@ def layouts() -> dict[str, object]:
 
 
 def time_select(reps: int, with_reference: bool) -> list[dict]:
-    from tests.test_memory import _reference_select
+    from tests.core.test_ranking_equivalence import reference_select
 
     from gisp.core.importance import StructureScores
     from gisp.core.ranking import select
@@ -81,7 +81,7 @@ def time_select(reps: int, with_reference: bool) -> list[dict]:
         row = {"layout": name, "candidates": layout.num_structures(), "picks": len(picks), "new_s": median(new)}
         if with_reference and name != "Llama-2-70B":  # the old loop takes minutes there on 2 busy cores
             t0 = time.perf_counter()
-            _, ref = _reference_select(scores, mask, layout, target)
+            _, ref = reference_select(scores, mask, layout, target)
             row["reference_s"] = time.perf_counter() - t0
             row["same_picks"] = ref == picks
         out.append(row)
@@ -132,7 +132,7 @@ def main() -> None:
 
     import gisp
     from gisp.architectures import layout_of
-    from gisp.prune import PruneConfig, prune
+    from gisp.run import PruneConfig, prune
 
     loaded = gisp.load_model("smollm2-135m", dtype=args.dtype, device="cpu")
     model = loaded.model

@@ -55,7 +55,7 @@ def main() -> None:
     info = machine()
 
     import gisp
-    from gisp.prune import PruneConfig, prune
+    from gisp.run import PruneConfig, prune
 
     loaded = gisp.load_model("smollm2-135m", dtype=args.dtype, device="cpu")
     calib = gisp.build_calibration("lm", "c4", loaded.tokenizer, args.samples, args.seq_len, 0)

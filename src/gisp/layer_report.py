@@ -17,7 +17,7 @@ from typing import Any
 from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_json, atomic_write_text, save_figure
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 DEFAULT_LEVELS = (0.2, 0.3, 0.4, 0.5)
 

@@ -41,7 +41,7 @@ def largest_structure(layout):
 @pytest.mark.parametrize("name", MASKING)
 def test_on_target_within_one_structure(name, kv):
     if name == "gisp" and kv == 4:
-        pytest.skip("GISP's own targets are tested in test_prune.py; one variant keeps this file fast")
+        pytest.skip("GISP's own targets are tested in tests/run/test_loop.py; one variant keeps this file fast")
     model, levels = run(name, kv)
     layout = layout_of(model)
     # ShortGPT removes whole layers: within one layer; everything else within one structure

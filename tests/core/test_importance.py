@@ -7,7 +7,7 @@ from tests.conftest import VARIANTS, random_calib, tiny_model
 from gisp.architectures import get_architecture, layout_of
 from gisp.core.importance import MagnitudeImportance, TaylorImportance, normalize
 from gisp.core.objectives import LanguageModelling
-from gisp.prune import accumulate_gradients
+from gisp.run.gradients import accumulate_gradients
 
 
 def brute_force_scores(model, calib):

@@ -19,7 +19,7 @@ from gisp.core.structures import Mask
 from gisp.deploy.export import save_slim
 from gisp.deploy.levels import levels, parse_params
 from gisp.errors import GispError
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25)
 TOL = 1e-4

@@ -244,7 +244,7 @@ class PerLayerCausalLM:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
         if Path(str(pretrained_model_name_or_path)).is_dir():
-            from gisp.loading import check_weights_match_config
+            from gisp.architectures.checkpoints import check_weights_match_config
 
             check_weights_match_config(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -24,10 +24,11 @@ from torch import nn
 
 from gisp.architectures import get_architecture, layout_of
 from gisp.core.calibration import CalibrationSet
+from gisp.core.ranking import Pick
 from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
 from gisp.provenance import versions
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import StepRecord, Trajectory
 
 
 @dataclass
@@ -139,14 +140,6 @@ def model_info_of(model: nn.Module, info: dict[str, Any] | None, layout: Layout)
     return out
 
 
-def _step_record(step: int, target: float, mask: Mask, layout: Layout, seconds: float) -> dict[str, Any]:
-    return {
-        "step": step, "target": target, "sparsity": mask.sparsity(layout), "kept_params": mask.kept_params(layout),
-        "calib_loss": None, "heads_removed": sum(int((~h).sum()) for h in mask.heads),
-        "channels_removed": sum(int((~c).sum()) for c in mask.channels), "seconds": seconds,
-    }
-
-
 def trajectory_of(
     method: Method,
     layout: Layout,
@@ -163,18 +156,17 @@ def trajectory_of(
     """
     traj = Trajectory.start(layout, method.settings(), model_info, dict(calib.provenance) if calib else {},
                             versions())
-    dense = Mask.dense(layout)
-    traj.steps.append(_step_record(0, 0.0, dense, layout, 0.0))
-    prev, order = dense, 0
+    prev, order = Mask.dense(layout), 0
     for k, (target, mask) in enumerate(masks, start=1):
         if not mask.is_subset_of(prev):
             raise GispError(f"internal error: {method.name} masks are not nested at sparsity {target}")
-        for i in range(layout.num_layers):
-            for h in (prev.heads[i] & ~mask.heads[i]).nonzero().flatten().tolist():
-                traj.head_step[i][h], traj.head_order[i][h], order = k, order, order + 1
-            for c in (prev.channels[i] & ~mask.channels[i]).nonzero().flatten().tolist():
-                traj.channel_step[i][c], traj.channel_order[i][c], order = k, order, order + 1
-        traj.steps.append(_step_record(k, target, mask, layout, seconds if k == len(masks) else 0.0))
+        picks = [Pick(kind, i, int(j))
+                 for i in range(layout.num_layers)
+                 for kind, gone in (("head", prev.heads[i] & ~mask.heads[i]),
+                                    ("channel", prev.channels[i] & ~mask.channels[i]))
+                 for j in gone.nonzero().flatten().tolist()]
+        record = StepRecord.of_mask(k, target, mask, layout, seconds=seconds if k == len(masks) else 0.0)
+        order = traj.record_step(record, picks, order)
         prev = mask
     traj.completed = True
     return traj

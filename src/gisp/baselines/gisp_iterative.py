@@ -1,6 +1,6 @@
 """GISP itself behind the baseline interface: one iterative global run serves every sparsity.
 
-Follows ``docs/method.md`` through :func:`gisp.prune` unchanged. The schedule
+Follows the paper (see docs/method.md) through :func:`gisp.prune` unchanged. The schedule
 must put every requested sparsity on a step (e.g. 20 linear steps to 0.5 hit
 0.2, 0.3, 0.4 and 0.5); otherwise a level would be read at a lower sparsity
 than its neighbours in the comparison, so such a request is refused.
@@ -17,7 +17,7 @@ from gisp.baselines.base import Level, Method, OnLevel, check_sparsities
 from gisp.core.calibration import CalibrationSet
 from gisp.core.schedule import targets
 from gisp.errors import GispError
-from gisp.prune import PruneConfig, prune
+from gisp.run import PruneConfig, prune
 
 
 class GISP(Method):
@@ -73,7 +73,7 @@ class GISP(Method):
 
 
 class GISPMargin(GISP):
-    """GISP with the task-aligned ``margin`` objective (``docs/method.md``): calibrated on multiple-choice
+    """GISP with the task-aligned ``margin`` objective (the paper, see docs/method.md): calibrated on multiple-choice
     questions (``cmqa`` by default in ``gisp compare``), read next to the lm-objective row."""
 
     name = "gisp-margin"

@@ -20,7 +20,7 @@ from gisp.core.calibration import CalibrationSet
 from gisp.core.importance import StructureScores, TaylorImportance, normalize
 from gisp.core.objectives import get_objective
 from gisp.core.structures import Layout
-from gisp.prune import accumulate_gradients, restore_grad_dtype
+from gisp.run.gradients import accumulate_gradients, restore_grad_dtype
 
 
 def taylor_scores(model: nn.Module, layout: Layout, calib: CalibrationSet, batch_size: int,

@@ -10,39 +10,43 @@ import typer
 from rich.console import Console
 
 from gisp.cli.app import app
+from gisp.cli.common import with_config
 from gisp.cli.eval_cmd import results_table
 from gisp.cli.prune_cmd import run_prune, steps_table
 from gisp.evaluation.evaluate import evaluate
 from gisp.layer_report import write_layer_report
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json
-from gisp.prune import PruneConfig
 from gisp.report import write_report
+from gisp.run import PruneConfig
+
+# The demo's own defaults (a CPU budget); the rest of its PruneConfig is fixed.
+_DEMO = {"steps": 16, "calib_samples": 64, "seq_len": 128}
+_FIXED = {"target": 0.5, "calib": "c4", "autocast": "bf16"}
 
 
 @app.command("demo")
+@with_config(PruneConfig, only=tuple(_DEMO), defaults=_DEMO, fixed=_FIXED,
+             notes=dict.fromkeys(_DEMO, "(The demo's default fits a CPU budget.)"))
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory."),
-    steps: int = typer.Option(16, help="Pruning steps (CPU budget; the paper uses 112 on 7B models)."),
-    calib_samples: int = typer.Option(64, help="c4 calibration windows (CPU budget; paper: 2000)."),
-    seq_len: int = typer.Option(128, help="Tokens per calibration window (CPU budget; paper: 256)."),
     max_windows: int = typer.Option(128, help="wiki evaluation windows of 128 tokens."),
     fresh: bool = typer.Option(False, help="Delete --out first instead of reusing/resuming it."),
+    *,
+    config: PruneConfig,
 ) -> None:
     """Prune SmolLM2-135M to 50% on c4, evaluate wiki perplexity at 0-50% from the one run, plot, report."""
     t0 = time.perf_counter()
     if fresh and out.exists():
         shutil.rmtree(out)
-    config = PruneConfig(target=0.5, steps=steps, calib="c4", calib_samples=calib_samples, seq_len=seq_len,
-                         autocast="bf16")
     traj = run_prune(DEFAULT_MODEL, out, config, dtype="fp32", device="auto", resume=True)
     console = Console()
     console.print(steps_table(traj))
     result = evaluate(out, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], ppl="wiki", window=128, max_windows=max_windows)
     console.print(results_table(result))
     atomic_write_json(out / "demo_eval.json", result)
-    command = (f"gisp demo --out {out} --steps {steps} --calib-samples {calib_samples} --seq-len {seq_len} "
-               f"--max-windows {max_windows}")
+    command = (f"gisp demo --out {out} --steps {config.steps} --calib-samples {config.calib_samples} "
+               f"--seq-len {config.seq_len} --max-windows {max_windows}")
     md, png = write_report(result, out, command)
     layers = write_layer_report(out, [0.2, 0.3, 0.4, 0.5])
     for obs in layers.observations:

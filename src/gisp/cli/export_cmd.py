@@ -41,7 +41,7 @@ def export_command(
     from gisp.deploy.export import export
     from gisp.deploy.levels import levels
     from gisp.loading import load_base_model, torch_dtype
-    from gisp.trajectory import Trajectory
+    from gisp.run.trajectory import Trajectory
 
     if list_levels:
         traj = Trajectory.load(run)

@@ -38,7 +38,7 @@ from gisp.compare.config import CompareConfig
 from gisp.deploy.compensation import Compensation
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_json, atomic_write_text, save_figure, versions
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 FORMAT = 1
 

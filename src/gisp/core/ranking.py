@@ -151,7 +151,7 @@ def select(
     stable sort orders just those, each one's cost given the ones before it
     comes from cumulative counts per layer and KV group, and a cumulative sum
     finds the stop; no Python loop over candidates. Picks equal the original
-    per-candidate loop's (tests/test_memory.py keeps it as the reference).
+    per-candidate loop's (tests/core/test_ranking_equivalence.py keeps it as the reference).
     """
     if unit == "structures":
         total = layout.num_structures()

@@ -29,7 +29,7 @@ from gisp.architectures.slicing import count_params, plan_layers
 from gisp.core.structures import Layout, block_rows
 from gisp.errors import GispError
 from gisp.loading import load_base_model
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 _NEVER = 1 << 62  # removal step of a structure the run never removed
 

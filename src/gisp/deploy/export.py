@@ -31,7 +31,7 @@ from gisp.deploy.levels import levels, select_level
 from gisp.errors import GispError
 from gisp.loading import load_base_model, torch_dtype
 from gisp.provenance import atomic_write_text, versions
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 EXPORT_FILE = "gisp_export.json"
 EXPORT_FORMAT = 1

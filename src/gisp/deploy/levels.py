@@ -25,7 +25,7 @@ from gisp.architectures.slicing import count_params, plan_layers, standard_confi
 from gisp.core.importance import structure_sums
 from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 _UNRANKED = 1e15  # keep-priority of structures the run never removed (above every global order)
 

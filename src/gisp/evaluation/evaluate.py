@@ -19,7 +19,7 @@ from gisp.errors import GispError
 from gisp.evaluation.perplexity import perplexity
 from gisp.loading import load_base_model, load_model
 from gisp.provenance import atomic_write_json, versions
-from gisp.trajectory import FILENAME, Trajectory
+from gisp.run.trajectory import FILENAME, Trajectory
 
 
 def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_windows: int | None,

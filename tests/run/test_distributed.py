@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import random_calib, tiny_model
 
 import gisp
-from gisp import distributed
 from gisp.core.ranking import Pick
+from gisp.run import distributed
 
 WORKER = Path(__file__).with_name("_dist_prune_worker.py")
 CFG = dict(target=0.5, steps=4, batch_size=2, protect_first=0.25, protect_last=1)
@@ -24,13 +24,13 @@ STRUCTURE = ("head_step", "channel_step", "head_order", "channel_order")
 
 def _run_and_compare(launcher: list[str], out: Path) -> None:
     """Launch the 2-rank run, compute the single-process reference meanwhile, compare."""
-    from tests._dist_prune_worker import weight_digest
+    from tests.run._dist_prune_worker import weight_digest
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [*launcher, str(WORKER), str(out), json.dumps(CFG), str(SAMPLES)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=WORKER.parents[1])
+                            cwd=WORKER.parents[2])
     model = tiny_model()
     single = gisp.prune(model, gisp.PruneConfig(**CFG), random_calib(n=SAMPLES), progress=False).to_dict()
     lone = gisp.prune(tiny_model(), gisp.PruneConfig(**{**CFG, "steps": 1}), random_calib(n=1),

@@ -1,5 +1,6 @@
 """The iterative global loop: nesting, protection, sparsity accuracy, exact masking, resume."""
 
+import importlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import gisp
 from gisp.architectures import apply_mask, layout_of
 from gisp.core.schedule import targets
 from gisp.core.structures import Mask
-from gisp.trajectory import Trajectory
+from gisp.run.trajectory import Trajectory
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
 
@@ -123,36 +124,11 @@ def test_resume_equals_uninterrupted(tmp_path):
                    run_dir=tmp_path / "b", progress=False, resume=True)
 
 
-def test_trajectory_roundtrip_and_mask_at(tmp_path):
-    model, traj = run()
-    traj.save(tmp_path)
-    loaded = Trajectory.load(tmp_path)
-    assert loaded.to_dict() == json.loads(json.dumps(traj.to_dict()))
-    for s in (0.0, 0.15, 0.3, 0.5):
-        rec = loaded.step_at(s)
-        assert rec["sparsity"] <= s + 1e-9
-        nxt = [r for r in loaded.steps if r["step"] == rec["step"] + 1]
-        assert not nxt or nxt[0]["sparsity"] > s
-    fresh = tiny_model()
-    rec = loaded.apply(fresh, 0.5)
-    assert rec["step"] == 5
-    ids = torch.randint(0, 97, (1, 12))
-    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
-
-
-def test_trajectory_refuses_a_different_model():
-    _, traj = run()
-    with pytest.raises(gisp.GispError, match="fingerprint"):
-        traj.apply(tiny_model(seed=1), 0.3)
-    with pytest.raises(gisp.GispError, match="layer shapes"):
-        traj.apply(tiny_model(layers=3), 0.3)
-
-
 def test_crash_mid_step_then_resume(tmp_path, monkeypatch):
     """A run that dies inside a step keeps its last completed step on disk and resumes to the same end."""
     import importlib
 
-    prune_mod = importlib.import_module("gisp.prune")  # the module, not the function gisp.prune
+    prune_mod = importlib.import_module("gisp.run.loop")  # the loop module, which calls accumulate_gradients
 
     config = gisp.PruneConfig(**CFG)
     full = gisp.prune(tiny_model(), config, random_calib(), progress=False)
@@ -173,3 +149,23 @@ def test_crash_mid_step_then_resume(tmp_path, monkeypatch):
     resumed = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, resume=True)
     assert resumed.head_step == full.head_step and resumed.channel_step == full.channel_step
     assert [s["sparsity"] for s in resumed.steps] == [s["sparsity"] for s in full.steps]
+
+
+def test_progress_pairs_each_loss_with_the_mask_it_was_measured_on():
+    """A step's gradient pass measures the previous mask; only the last step measures its own."""
+    loop = importlib.import_module("gisp.run.loop")
+    _, traj = run()
+    s = [r["sparsity"] for r in traj.steps]
+    loss = [r["calib_loss"] for r in traj.steps]
+    mid = dict(traj.steps[2], calib_loss=None)  # as the bar sees step 2: its own loss not measured yet
+    traj.steps[2] = mid
+    assert loop._progress_text(traj, 2) == f"sparsity={s[2]:.3f}, loss={loss[1]:.3f} at sparsity {s[1]:.3f}"
+    assert loop._progress_text(traj, 5) == f"sparsity={s[5]:.3f}, loss={loss[5]:.3f} at sparsity {s[5]:.3f}"
+
+
+def test_shrink_schedule():
+    loop = importlib.import_module("gisp.run.loop")
+    due = [k for k in range(1, 10) if loop._shrink_due(k, 3, have_copy=True)]
+    assert due == [4, 7] and not any(loop._shrink_due(k, 0, False) for k in range(1, 10))
+    assert loop._shrink_due(6, 3, have_copy=False)  # a resumed run past its first slicing slices at once
+    assert not loop._shrink_due(3, 3, have_copy=False)

@@ -1,6 +1,6 @@
-"""One rank of a data-parallel GISP run, for tests/test_distributed.py (launched by torchrun).
+"""One rank of a data-parallel GISP run, for tests/run/test_distributed.py (launched by torchrun).
 
-usage: torchrun --standalone --nproc_per_node 2 tests/_dist_prune_worker.py OUT CONFIG_JSON SAMPLES
+usage: torchrun --standalone --nproc_per_node 2 tests/run/_dist_prune_worker.py OUT CONFIG_JSON SAMPLES
 
 Every rank prunes the same tiny model on the same calibration set and passes
 ``OUT/rank{r}`` as its run directory (only rank 0 may write there), then dumps
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import random_calib, tiny_model  # noqa: E402
 
 import gisp  # noqa: E402
-from gisp import distributed  # noqa: E402
+from gisp.run import distributed  # noqa: E402
 
 
 def weight_digest(model: torch.nn.Module) -> str:
