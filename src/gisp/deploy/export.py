@@ -75,13 +75,13 @@ def save_slim(
     record: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    compensation: OutputBiases | None = None,
+    biases: OutputBiases | None = None,
 ) -> tuple[Path, nn.Module]:
     """Slice ``model`` by ``mask`` and write the directory atomically (temp dir, then rename)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
-    slim = slim_model(model, mask, gqa=gqa, dtype=dtype, biases=compensation)
+    slim = slim_model(model, mask, gqa=gqa, dtype=dtype, biases=biases)
     plans = plan_layers(mask, layout_of(model), gqa)
     rec = dict(record or {})
     rec.update({
