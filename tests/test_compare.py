@@ -1,14 +1,13 @@
 """``gisp compare`` on a tiny in-process model: outputs, provenance, resumption, refusals."""
 
 import json
-import sys
 
 import pytest
 import torch
 from tests.conftest import VOCAB, CharTokenizer, tiny_model
 
 import gisp
-import gisp.compare as compare_mod
+import gisp.compare.runner as compare_mod
 from gisp.architectures import apply_mask
 from gisp.compare import CompareConfig, compare
 from gisp.loading import LoadedModel
@@ -106,8 +105,9 @@ def test_flap_compensation_survives_export_and_gisp_eval(done, tmp_path, monkeyp
     assert (got - want).abs().max() < 1e-4
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
 
-    ev = sys.modules["gisp.evaluation.evaluate"]  # the module (gisp.evaluation.evaluate is also the function's name)
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: loaded())
+    import gisp.evaluation.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_base_model", lambda *a, **k: loaded())
     row = ev.evaluate(out / "methods" / "flap", [0.4], ppl="wiki", window=24, max_windows=3, progress=False)["rows"][0]
     flap = next(r for r in res["rows"] if r["method"] == "flap" and r["requested_sparsity"] == 0.4)
     assert row["compensation"] and row["ppl"]["ppl"] == pytest.approx(flap["ppl"]["ppl"], rel=1e-6)

@@ -31,7 +31,7 @@ def test_layout_matches_the_config(arch, kv):
     assert (s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate) == (a.num_heads, a.num_kv_heads, a.head_dim,
                                                                          a.intermediate_size)
     assert s.qkv_bias == (arch == "qwen2")
-    params = a.get_architecture(model).prunable_parameters(model, lay)
+    params = a.prunable_parameters(model, lay)
     assert len(params) == 7 * len(lay.prunable)
 
 
