@@ -13,11 +13,8 @@ from gisp.cli.app import app
 from gisp.cli.common import with_config
 from gisp.cli.eval_cmd import results_table
 from gisp.cli.prune_cmd import run_prune, steps_table
-from gisp.evaluation.evaluate import evaluate
-from gisp.layer_report import write_layer_report
 from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json
-from gisp.report import write_report
 from gisp.run import PruneConfig
 
 # The demo's own defaults (a CPU budget); the rest of its PruneConfig is fixed.
@@ -36,6 +33,10 @@ def demo_command(
     config: PruneConfig,
 ) -> None:
     """Prune SmolLM2-135M to 50% on c4, evaluate wiki perplexity at 0-50% from the one run, plot, report."""
+    from gisp.evaluation.evaluate import evaluate
+    from gisp.layer_report import write_layer_report
+    from gisp.report import write_report
+
     t0 = time.perf_counter()
     if fresh and out.exists():
         shutil.rmtree(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -10,12 +11,12 @@ from rich.table import Table
 
 from gisp.cli.app import app
 from gisp.cli.common import with_config
-from gisp.core.calibration import build_calibration
-from gisp.core.fingerprint import fingerprint
 from gisp.errors import GispError
-from gisp.loading import DEFAULT_MODEL, load_model
-from gisp.run import PruneConfig, distributed, prune
-from gisp.run.trajectory import Trajectory
+from gisp.loading import DEFAULT_MODEL
+from gisp.run.config import PruneConfig
+
+if TYPE_CHECKING:
+    from gisp.run.trajectory import Trajectory
 
 
 def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, device: str, resume: bool,
@@ -24,6 +25,12 @@ def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, de
 
     Under torchrun / accelerate launch (WORLD_SIZE > 1) every rank runs this; see gisp.run.distributed.
     """
+    from gisp.core.calibration import build_calibration
+    from gisp.core.fingerprint import fingerprint
+    from gisp.loading import load_model
+    from gisp.run import distributed
+    from gisp.run.loop import prune
+
     if distributed.init_from_env() and device_map is not None:
         raise GispError("--device-map and several processes cannot be combined yet: use one or the other")
     console = Console(stderr=True, quiet=not distributed.is_main())
@@ -64,6 +71,8 @@ def prune_command(
     config: PruneConfig,
 ) -> None:
     """Prune MODEL with GISP; one run holds every sparsity level up to --target."""
+    from gisp.run import distributed
+
     traj = run_prune(model, out, config, dtype=dtype, device=device, resume=resume, device_map=device_map)
     main = distributed.is_main()
     distributed.shutdown()

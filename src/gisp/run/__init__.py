@@ -8,8 +8,19 @@
 - :mod:`gisp.run.memory`: peak-memory accounting of a step.
 """
 
-from gisp.run.config import PruneConfig
-from gisp.run.loop import prune
-from gisp.run.trajectory import StepRecord, Trajectory
+from __future__ import annotations
 
-__all__ = ["PruneConfig", "StepRecord", "Trajectory", "prune"]
+import importlib
+from typing import Any
+
+# Loaded on first access: ``gisp.run.config`` must stay importable without torch.
+_PUBLIC = {"PruneConfig": "gisp.run.config", "prune": "gisp.run.loop", "StepRecord": "gisp.run.trajectory",
+           "Trajectory": "gisp.run.trajectory"}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'gisp.run' has no attribute '{name}'")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

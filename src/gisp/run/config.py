@@ -10,15 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import torch
-
-from gisp.core.importance import NORMALIZATIONS
-from gisp.core.objectives import get_objective
-from gisp.core.ranking import UNITS
 from gisp.core.schedule import SCHEDULES
 from gisp.errors import GispError
 
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Names only: this module must not import torch (the CLI builds its options from it and starts fast).
+AUTOCAST = ("none", "bf16", "fp16")
 GRAD_ACCUM = ("fp32", "native", "fp64")
 
 
@@ -69,6 +65,10 @@ class PruneConfig:
     rounding; costs a copy of the kept weights (see gisp.run.shrink)."""
 
     def __post_init__(self) -> None:
+        from gisp.core.importance import NORMALIZATIONS  # here, not at the top: they import torch
+        from gisp.core.objectives import get_objective
+        from gisp.core.ranking import UNITS
+
         if not 0.0 < self.target < 1.0:
             raise GispError(f"target sparsity must be in (0, 1), got {self.target}")
         if self.steps < 1:
@@ -77,7 +77,7 @@ class PruneConfig:
             ("schedule", self.schedule, SCHEDULES),
             ("schedule-unit", self.schedule_unit, UNITS),
             ("normalize", self.normalize, NORMALIZATIONS),
-            ("autocast", self.autocast, tuple(AUTOCAST)),
+            ("autocast", self.autocast, AUTOCAST),
             ("grad-accum-dtype", self.grad_accum_dtype, GRAD_ACCUM),
         ):
             if value not in allowed:

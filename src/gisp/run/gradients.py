@@ -23,13 +23,13 @@ from gisp.core.calibration import CalibrationSet
 from gisp.core.objectives import Objective
 from gisp.errors import GispError
 from gisp.run import distributed
-from gisp.run.config import AUTOCAST
 
 _ACCUM_DTYPE = {"fp32": torch.float32, "fp64": torch.float64}
+_AUTOCAST_DTYPE = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _autocast(model: nn.Module, mode: str):
-    dtype = AUTOCAST[mode]
+    dtype = _AUTOCAST_DTYPE[mode]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
