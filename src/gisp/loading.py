@@ -186,7 +186,8 @@ def load_model(
     if device_map is None:
         model.to(dev)
     model.eval()
-    return LoadedModel(model, tok, name, path)
+    # A GGUF model is its file (runs record this path and reload the base model from it).
+    return LoadedModel(model, tok, name, str(Path(path) / gguf_file) if gguf_file else path)
 
 
 def load_base_model(model_info: dict[str, Any], *, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
