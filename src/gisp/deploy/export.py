@@ -193,7 +193,7 @@ def export(
             "written_as": "o_proj/down_proj biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
     }
     path, slim = save_slim(model, level.mask, out, gqa=gqa, tokenizer=tokenizer, source_path=source_path,
-                           record=record, dtype=torch_dtype, overwrite=overwrite, biases=compensation)
+                           record=record, dtype=torch_dtype, overwrite=overwrite, compensation=compensation)
     params = sum(p.numel() for p in slim.parameters())
     return ExportResult(path, level.step, level.sparsity, level.step_sparsity, params,
                         params * next(slim.parameters()).element_size(), not slim.config.model_type.startswith("gisp_"),
