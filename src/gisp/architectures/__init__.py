@@ -34,6 +34,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mistral": ("gisp.architectures.mistral", "Mistral"),
     "qwen2": ("gisp.architectures.qwen2", "Qwen2"),
     "qwen3": ("gisp.architectures.qwen3", "Qwen3"),
+    "gemma3_text": ("gisp.architectures.gemma3", "Gemma3"),
 }
 
 PER_LAYER_PREFIX = "gisp_"
