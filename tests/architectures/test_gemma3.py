@@ -30,8 +30,8 @@ from gisp.deploy.elastic import ElasticModel
 from gisp.deploy.export import export, save_slim
 from gisp.errors import GispError
 from gisp.evaluation.perplexity import perplexity
-from gisp.prune import PruneConfig, prune
-from gisp.trajectory import Trajectory
+from gisp.run import PruneConfig, prune
+from gisp.run.trajectory import Trajectory
 
 TOL = 1e-4
 WINDOW = 6  # sliding window, shorter than the 16-token inputs
