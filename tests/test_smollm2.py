@@ -18,7 +18,7 @@ def test_smollm2_prune_and_perplexity_rises(smollm2, tmp_path):
     assert traj.steps[-1]["sparsity"] == pytest.approx(0.5, abs=0.002)
     losses = [s["calib_loss"] for s in traj.steps]
     assert losses == sorted(losses)  # calibration loss rises as structures go
-    res = gisp.evaluation.evaluate(tmp_path, [0.0, 0.5], ppl="wiki", window=128, max_windows=8, progress=False)
+    res = gisp.evaluate(tmp_path, [0.0, 0.5], ppl="wiki", window=128, max_windows=8, progress=False)
     dense, pruned = (r["ppl"]["ppl"] for r in res["rows"])
     assert 10 < dense < 60  # a real pretrained model, not a random one
     assert pruned > dense

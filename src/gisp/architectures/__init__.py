@@ -5,10 +5,10 @@ per-layer config and model classes) plus one line in :data:`FAMILIES`.
 
 Family modules (and torch) are imported on first use, so ``import gisp`` stays light.
 Exported per-layer checkpoints (``model_type`` ``gisp_<family>``) load with
-``AutoModelForCausalLM.from_pretrained`` after ``import gisp``: their config
-classes are registered with transformers' Auto classes as soon as transformers'
-auto module is imported, and the model class behind each is a small proxy that
-builds the real per-layer class on first use.
+``AutoModelForCausalLM.from_pretrained`` after ``import gisp``: a stand-in for
+each config class is registered with ``AutoConfig`` as soon as transformers'
+auto module is imported; reading such a config registers the family's real
+config class and a model stand-in that builds the per-layer class on first use.
 """
 
 from __future__ import annotations
@@ -118,37 +118,65 @@ def _lazy_model_class(arch: type[Architecture]) -> type:
     })
 
 
-_registered = False
+_registered: set[str] = set()
+
+
+def _register(model_type: str) -> type:
+    """Register one family's per-layer config class and (lazy) model class; returns the config class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = architecture_class(model_type)
+    cfg = arch.per_layer_config_class
+    if model_type not in _registered:
+        AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
+        AutoModelForCausalLM.register(cfg, _lazy_model_class(arch), exist_ok=True)
+        _registered.add(model_type)
+    return cfg
 
 
 def register_auto_classes() -> None:
     """Register every family's per-layer config and (lazy) model class with the Auto classes (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     for model_type in FAMILIES:
-        arch = architecture_class(model_type)
-        cfg = arch.per_layer_config_class
-        AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
-        AutoModelForCausalLM.register(cfg, _lazy_model_class(arch), exist_ok=True)
+        _register(model_type)
 
 
-_AUTO_MODULE = "transformers.models.auto.modeling_auto"
+def _lazy_config_class(model_type: str) -> type:
+    """A stand-in registered with ``AutoConfig`` under ``gisp_<family>``: reading such a config imports the
+    family and registers its real classes first (so nothing of a family is imported before it is needed)."""
+
+    def real() -> type:
+        return _register(model_type)
+
+    return type(f"LazyGisp{model_type.title()}Config", (), {
+        "model_type": PER_LAYER_PREFIX + model_type,
+        "from_dict": classmethod(lambda cls, *a, **k: real().from_dict(*a, **k)),
+        "from_pretrained": classmethod(lambda cls, *a, **k: real().from_pretrained(*a, **k)),
+        "__new__": lambda cls, *a, **k: real()(*a, **k),
+    })
+
+
+_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+
+
+def _register_config_stand_ins(config_auto: Any) -> None:
+    for model_type in FAMILIES:
+        if model_type not in _registered:
+            config_auto.AutoConfig.register(PER_LAYER_PREFIX + model_type, _lazy_config_class(model_type),
+                                            exist_ok=True)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_auto_classes` right after transformers' auto-model module is imported.
+    """Registers gisp's config stand-ins right after transformers' ``AutoConfig`` module is imported.
 
     ``import gisp`` must not import transformers (the CLI starts in a fraction of
     a second), yet ``AutoModelForCausalLM.from_pretrained(export)`` must work
-    after ``import gisp`` in whatever order the two are imported.
+    after ``import gisp`` in whatever order the two are imported. The stand-ins
+    need nothing but ``AutoConfig``; the family's real classes are registered
+    when a ``gisp_<family>`` config is first read.
     """
 
     def find_spec(self, name: str, path: Any = None, target: Any = None):
-        if name != _AUTO_MODULE:
+        if name != _CONFIG_AUTO:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -158,15 +186,15 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module: Any) -> None:
             exec_module(module)
-            register_auto_classes()
+            _register_config_stand_ins(module)
 
         spec.loader.exec_module = exec_and_register
         return spec
 
 
 def install_auto_registration() -> None:
-    """Register now if transformers' auto module is loaded, else as soon as it is."""
-    if _AUTO_MODULE in sys.modules:
-        register_auto_classes()
+    """Register the config stand-ins now if transformers' ``AutoConfig`` is loaded, else as soon as it is."""
+    if _CONFIG_AUTO in sys.modules:
+        _register_config_stand_ins(sys.modules[_CONFIG_AUTO])
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
