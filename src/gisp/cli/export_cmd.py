@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gisp.cli.app import app
+from gisp.cli.common import parse_floats
 from gisp.errors import GispError
 
 
@@ -25,8 +26,8 @@ def levels_table(rows: list, title: str) -> Table:
 @app.command("export")
 def export_command(
     run: Path = typer.Argument(..., help="A run directory written by gisp prune."),
-    out: Path = typer.Option(None, "--out", help="Directory to write (must not exist or be empty)."),
-    sparsity: float = typer.Option(None, help="Export the last step at or below this sparsity."),
+    out: Path = typer.Option(None, "--out", help="Directory to write (new or empty); a .gguf file for gguf."),
+    sparsity: str = typer.Option(None, help="Export the last step at or below this sparsity (gguf: a list, 0.2,0.3)."),
     step: int = typer.Option(None, help="Export this step of the run."),
     max_params: str = typer.Option(None, help="Largest model with at most this many parameters, e.g. 90M."),
     max_size_gb: float = typer.Option(None, help="Largest model whose weights fit in this many GB (1e9 bytes)."),
@@ -36,6 +37,8 @@ def export_command(
     dtype: str = typer.Option(None, help="Weight dtype of the export: fp32, bf16, fp16 (default: the base model's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
+    fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory) or gguf (files for llama.cpp)."),
+    outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
     from gisp.export import export, levels
@@ -55,8 +58,20 @@ def export_command(
         Console().print(levels_table(rows, f"{traj.model.get('name')}: exportable levels "
                                            f"(params incl. embeddings{extra})"))
         return
+    if fmt == "gguf" and not list_levels:
+        from gisp.gguf_export import cli_export
+
+        return cli_export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
+                          outtype=outtype, gqa=gqa, round_to=round_to, uniform=uniform, overwrite=overwrite)
+    if fmt != "hf":
+        raise GispError(f"--format '{fmt}' is not known: use hf or gguf")
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
+    if sparsity is not None:
+        values = parse_floats(sparsity)
+        if len(values) != 1:
+            raise GispError("--format hf exports one level: give one --sparsity (several work with --format gguf)")
+        sparsity = values[0]
     res = export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
                  round_to=round_to, uniform=uniform, gqa=gqa, dtype=dtype, overwrite=overwrite)
     console = Console()
