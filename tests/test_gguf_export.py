@@ -144,6 +144,21 @@ def test_llamacpp_runs_the_export_exactly(arch, heads, kv, tied, bias, kind, exp
         assert res.notes and "padded" in res.notes[0]
 
 
+def test_llama3_rope_scaling_round_trips(smol_dir, partial, tmp_path):
+    """Llama-3 rope scaling becomes llama.cpp's per-frequency factor tensor, in both graphs."""
+    base = build("llama", 4, 2)
+    base.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}
+    base = type(base)(base.config).eval().requires_grad_(False)  # rebuilt: the rotary embedding reads the config
+    base.load_state_dict(build("llama", 4, 2).state_dict())
+    for kind, expected in (("dense", "llama"), ("per_layer", "deci")):
+        slim = slim_model(base, mask_for(base, kind), gqa="map")
+        res = write_gguf(slim, tmp_path / f"{kind}.gguf", tokenizer_dir=smol_dir)
+        assert res.arch == expected
+        assert_exact(res.path, slim, partial)
+
+
 def test_group_layout_pads_or_duplicates_whichever_is_smaller():
     assert _best_group_size([[0, 1], [2]]) == 2  # pad one zero head rather than duplicate a KV head
     assert _group_layout([[0, 1], [2]], 2) == ([0, 1, 2, None], [0, 1])

@@ -100,6 +100,9 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
 # Graphs that treat 0 heads / 0 FFN channels as "no block" (others need a zero block).
 _EMPTY_BLOCKS = {MODEL_ARCH.DECI}
 
+# file bytes per weight of each outtype (q8_0: 32 weights in 34 bytes), for --max-size-gb
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
 OUTTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -811,6 +814,7 @@ def export_gguf(
     ``gisp export`` (any supported HF directory works). For a run, give one of ``sparsity``
     (one value or several: one file each), ``step``, ``max_params`` or ``max_size_gb``.
     ``out``: the ``.gguf`` file; for several levels a directory or a name with ``{sparsity}``.
+    ``max_size_gb`` counts the file's weights in ``outtype`` (about 1.06 bytes each in q8_0).
     """
     from gisp.export import export, load_pretrained
 
@@ -845,6 +849,10 @@ def export_gguf(
             if s > top + 5e-3:
                 raise GispError(f"this run holds sparsities up to {top:.4f} (step {traj.last_step}), not {s}: "
                                 "prune to a higher --target or ask for less")
+    if max_size_gb is not None:  # the file's bytes: weights in the outtype (norms and zero padding aside)
+        if max_size_gb <= 0:
+            raise GispError(f"--max-size-gb must be positive, got {max_size_gb}")
+        max_params, max_size_gb = max(1, int(max_size_gb * 1e9 / BYTES_PER_WEIGHT[outtype])), None
     paths = output_paths(out, sparsities, n, outtype)
     for p in paths:
         _check_out(p, overwrite)
