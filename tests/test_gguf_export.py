@@ -266,6 +266,14 @@ def test_bad_input_is_one_line_and_leaves_no_file(tiny_run, tmp_path, monkeypatc
         export_gguf(tiny_run, tmp_path / "x.gguf", sparsity=0.2, outtype="q4_k")
     with pytest.raises(GispError, match="knows llama, mistral, qwen2, qwen3"):
         family_of("gpt2")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(GispError, match="knows llama, mistral, qwen2, qwen3, not 'gpt2'"):
+        export_gguf(tmp_path / "gpt2", tmp_path / "g.gguf")
+    import shutil
+
+    shutil.rmtree(tmp_path / "gpt2")
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(GispError, match="cannot write"):
@@ -319,12 +327,14 @@ def test_smollm2_levels_in_llamacpp(smollm2, tmp_path):
         model = gisp.load_pretrained(hf.path, dtype="fp32", device="cpu").model
         (f32,) = export_gguf(run, tmp_path / f"smol{s}.gguf", sparsity=s)
         assert f32.per_layer and f32.arch == "deci"
-        res = compare_with_hf(f32.path, model, text, N_TOKENS, tokenizer=smollm2.tokenizer, exact=True)
+        res = compare_with_hf(f32.path, model, text, N_TOKENS, tokenizer=smollm2.tokenizer, exact=True,
+                              banned=SPECIAL)
         assert res["prompt_tokens_llama"] == res["prompt_tokens_hf"]  # the copied tokenizer tokenises alike
         assert res["same_prefix"] == N_TOKENS and res["max_abs_logprob_diff"] <= LOGPROB_TOL, res
         for outtype in ("f16", "q8_0"):
             (q,) = export_gguf(run, tmp_path / f"smol{s}-{outtype}.gguf", sparsity=s, outtype=outtype)
-            agree = compare_with_hf(q.path, model, text, 64, tokenizer=smollm2.tokenizer, exact=False)
+            agree = compare_with_hf(q.path, model, text, 64, tokenizer=smollm2.tokenizer, exact=False,
+                                    banned=SPECIAL)
             print(f"SmolLM2 {s:.0%} {outtype}: token agreement {agree['agreement']:.3f} over 64 tokens, "
                   f"mean |dlogprob| {agree['mean_abs_logprob_diff']:.4f}, {q.size_bytes / 1e6:.1f} MB")
             assert agree["agreement"] >= 0.8

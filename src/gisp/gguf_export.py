@@ -832,8 +832,11 @@ def export_gguf(
             raise GispError(f"{source} is a model directory, not a run: level options apply to runs only")
         (path,) = output_paths(out, None, 1, outtype)
         _check_out(path, overwrite)
+        try:
+            family_of(json.loads((source / "config.json").read_text()).get("model_type", "?"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise GispError(f"{source} is neither a run (trajectory.json) nor a model directory (config.json)") from e
         loaded = load_pretrained(source, dtype="fp32", device="cpu", tokenizer=False)
-        family_of(loaded.model.config.model_type)
         record = _read_record(source)
         res = _write_from_dir(loaded.model, source, path, outtype, record)
         return [res]

@@ -61,6 +61,8 @@ def export_command(
     if fmt == "gguf" and not list_levels:
         from gisp.gguf_export import cli_export
 
+        if dtype is not None:
+            raise GispError("--dtype sets the weights of --format hf; for gguf give --outtype f32, f16, bf16 or q8_0")
         return cli_export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
                           outtype=outtype, gqa=gqa, round_to=round_to, uniform=uniform, overwrite=overwrite)
     if fmt != "hf":
