@@ -93,6 +93,10 @@ def mask_for(model: torch.nn.Module, kind: str) -> Mask:
         mask.channels[2][:] = False  # attention but no MLP
         mask.heads[3][:] = False  # nothing left
         mask.channels[3][:] = False
+    elif kind == "last_empty":  # the last layer lost everything (llama.cpp's deci graph needs an FFN there)
+        mask.heads[1][2] = False
+        mask.heads[layout.num_layers - 1][:] = False
+        mask.channels[layout.num_layers - 1][:] = False
     elif kind == "dup":  # 8 heads on 2 KV heads, groups of 4 and 1; the last layer without MLP
         mask.heads[1][[4, 5, 6]] = False
         mask.heads[2][[0, 1, 2, 3, 4]] = False
@@ -119,6 +123,7 @@ CASES = [  # (family, heads, kv heads, tied, bias, mask, llama.cpp architecture)
     ("qwen3", 4, 2, True, False, "per_layer", "openelm"),
     ("qwen3", 4, 2, False, False, "per_layer", "qwen3"),  # untied: padded to one shape
     ("llama", 8, 2, False, False, "dup", "deci"),
+    ("mistral", 4, 2, False, False, "last_empty", "deci"),
     ("llama", 4, 2, False, True, "per_layer", "deci"),  # biases, also of removed blocks
 ]
 
@@ -138,6 +143,8 @@ def test_llamacpp_runs_the_export_exactly(arch, heads, kv, tied, bias, kind, exp
         assert res.layers[1] == {"heads": 4, "kv_heads": 2, "ffn": 64, "zero_heads": 1}  # (2, 1) padded to (2, 2)
         assert res.layers[2]["ffn"] == 1  # attention without MLP: one zero channel
         assert res.layers[3] == {"heads": 0, "kv_heads": 0, "ffn": 0, "zero_heads": 0} or bias
+    if kind == "last_empty":
+        assert res.layers[-1] == {"heads": 0, "kv_heads": 0, "ffn": 1, "zero_heads": 0}
     if kind == "dup":  # groups (4, 1) as groups of 2: KV head 0 duplicated, KV head 1 padded
         assert res.layers[1] == {"heads": 6, "kv_heads": 3, "ffn": 96, "zero_heads": 1}
     if expected == "qwen3" and kind == "per_layer":
@@ -269,7 +276,7 @@ def test_bad_input_is_one_line_and_leaves_no_file(tiny_run, tmp_path, monkeypatc
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(GispError, match="knows llama, mistral, qwen2, qwen3, not 'gpt2'"):
+    with pytest.raises(GispError, match="knows llama, mistral, qwen2, qwen3 models, not 'gpt2'"):
         export_gguf(tmp_path / "gpt2", tmp_path / "g.gguf")
     import shutil
 
