@@ -22,8 +22,9 @@ round-trip tests against the ``xllamacpp`` build):
   (adds exactly 0) and/or split by duplicating a KV head.
 - A block a layer lost: ``deci`` skips attention for 0 heads; an MLP-less layer with
   attention (and the last layer) gets a one-channel FFN whose weights are zero (adds exactly 0)
-  because ``deci`` drops the whole layer's output for ``n_ff == 0``. Layer 0 always keeps one
-  all-zero head: llama.cpp derives the head size from layer 0's head count.
+  because ``deci`` drops the whole layer's output for ``n_ff == 0``. A layer 0 without attention
+  keeps one all-zero head: llama.cpp derives the head size from layer 0's head count. A removed
+  block whose output bias remains (FLAP compensation) is a zero block carrying that bias.
 - llama.cpp's ``llama``/``deci`` rope rotates consecutive pairs, so q/k rows (and biases) are
   permuted per head, per layer, with that layer's own head counts (as llama.cpp's converter
   does); ``qwen2``/``qwen3``/``openelm`` use the HF layout as is.
@@ -306,7 +307,7 @@ def _plan(layers: list[_Layer], fam: GGUFFamily, tied: bool, ff_multiple: int,
     plans = []
     for i, (lay, p) in enumerate(zip(layers, natural)):
         if not p.heads and (not empty_ok or i == 0 or lay.attn_bias is not None):
-            p = _Plan([None], [0], p.n_ff, zero_attn=True)
+            p = _Plan([None], [-1], p.n_ff, zero_attn=True)
         if not p.n_ff and (not empty_ok or p.heads or i == last or lay.mlp_bias is not None):
             p = _Plan(p.slots, p.kv_rows, _ffn_width(1, ff_multiple), zero_attn=p.zero_attn, zero_mlp=True)
         plans.append(p)
@@ -778,14 +779,14 @@ def output_paths(out: str | Path, sparsities: Sequence[float] | None, n: int, ou
     """Where each level goes: ``--out m.gguf`` for one level; a directory or a name with ``{sparsity}``
     for several (``{sparsity}`` becomes the percentage, e.g. ``m-{sparsity}.gguf`` -> ``m-30.gguf``)."""
     out = Path(out).expanduser()
-    labels = [f"{round(s * 100):02d}" for s in sparsities] if sparsities else [f"level{k}" for k in range(n)]
+    labels = [f"{round(s * 100):02d}" for s in sparsities] if sparsities else [""] * n
     if "{sparsity}" in out.name:
         return [out.with_name(out.name.replace("{sparsity}", lab)) for lab in labels]
     if n == 1 and out.suffix == ".gguf":
         return [out]
     if out.suffix == ".gguf":
         raise GispError("several levels need --out DIR or a file name with {sparsity}, e.g. smol-{sparsity}.gguf")
-    return [out / f"{out.name}-s{lab}-{outtype}.gguf" for lab in labels]
+    return [out / (f"{out.name}-s{lab}-{outtype}.gguf" if lab else f"{out.name}-{outtype}.gguf") for lab in labels]
 
 
 def _is_run(path: Path) -> bool:
