@@ -166,6 +166,16 @@ def test_llama3_rope_scaling_round_trips(smol_dir, partial, tmp_path):
         assert_exact(res.path, slim, partial)
 
 
+def test_linear_rope_scaling_round_trips(smol_dir, partial, tmp_path):
+    base = build("qwen2", 4, 2)
+    base.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    base = type(base)(base.config).eval().requires_grad_(False)
+    base.load_state_dict(build("qwen2", 4, 2).state_dict())
+    res = write_gguf(base, tmp_path / "lin.gguf", tokenizer_dir=smol_dir)
+    assert res.arch == "qwen2"
+    assert_exact(res.path, base, partial)
+
+
 def test_group_layout_pads_or_duplicates_whichever_is_smaller():
     assert _best_group_size([[0, 1], [2]]) == 2  # pad one zero head rather than duplicate a KV head
     assert _group_layout([[0, 1], [2]], 2) == ([0, 1, 2, None], [0, 1])

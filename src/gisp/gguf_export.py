@@ -648,22 +648,28 @@ def write_gguf(
                                         (lambda h: h * d == hidden) if fam.q_is_hidden else None)
     theta, rp = _rope(config)
     rope_type = str(rp.get("rope_type", rp.get("type", "default")) or "default").lower()
-    if rope_type not in ("default", "linear", "llama3", "yarn"):
-        raise GispError(f"rope scaling '{rope_type}' cannot be written as GGUF by gisp (default, linear, llama3, "
-                        "yarn are supported)")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise GispError(f"rope scaling '{rope_type}' cannot be written as GGUF by gisp (default, linear and llama3 "
+                        "are supported)")
     if rope_type == "llama3" and arch == MODEL_ARCH.OPENELM:
         raise GispError("llama3 rope scaling cannot be expressed in llama.cpp's openelm graph")
+    window = _cfg(config, "sliding_window", None) if _cfg(config, "use_sliding_window", True) else None
+    n_ctx = int(_cfg(config, "max_position_embeddings", 4096))
+    if window and int(window) < n_ctx:
+        notes.append(f"sliding window of {window} tokens not written (llama.cpp's graph attends to the whole "
+                     f"context): equal to the HF model up to {window} tokens of context")
     per_layer = arch != fam.arch
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     allowed = set(gguf.MODEL_TENSORS[arch])
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     n_vocab = top[MODEL_TENSOR.TOKEN_EMBD].shape[0]
     writer = gguf.GGUFWriter(tmp, arch_name)
     try:
         writer.add_name(name or str((record or {}).get("source", {}).get("name") or "gisp export"))
         writer.add_block_count(len(plans))
-        writer.add_context_length(int(_cfg(config, "max_position_embeddings", 4096)))
+        writer.add_context_length(n_ctx)
         writer.add_embedding_length(hidden)
         heads = [p.heads for p in plans]
         kvs = [p.kv for p in plans]
@@ -683,10 +689,6 @@ def write_gguf(
         if rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rp["factor"]))
-        elif rope_type == "yarn":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(float(rp["factor"]))
-            writer.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
         # tokenizer and chat template
         if source_gguf is not None:
             _copy_gguf_tokenizer(writer, Path(source_gguf), n_vocab)
