@@ -65,20 +65,25 @@ class HFTimer:
         self.model, self.ids, self.n_gen = model, torch.tensor([ids]), n_gen
         self.pp: list[float] = []
         self.tg: list[float] = []
+        self.pp_cpu: list[float] = []
+        self.tg_cpu: list[float] = []
 
     @torch.no_grad()
-    def gen(self, n: int) -> float:
-        t = time.perf_counter()
+    def gen(self, n: int) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     @torch.no_grad()
     def once(self) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         self.model(input_ids=self.ids)
         self.pp.append(self.ids.shape[1] / (time.perf_counter() - t))
-        self.tg.append((self.n_gen - 1) / max(1e-9, self.gen(self.n_gen) - self.gen(1)))
+        self.pp_cpu.append(self.ids.shape[1] / (time.process_time() - c))
+        (w1, c1), (wn, cn) = self.gen(1), self.gen(self.n_gen)
+        self.tg.append((self.n_gen - 1) / max(1e-9, wn - w1))
+        self.tg_cpu.append((self.n_gen - 1) / max(1e-9, cn - c1))
 
 
 def run_benchmark(args) -> None:
@@ -105,24 +110,27 @@ def run_benchmark(args) -> None:
                "matmul_params": matmul_params(model), "files": {}}
         for outtype in ("f32", *OUTTYPES):
             path = work / f"smol-{round(s * 100):02d}-{outtype}.gguf"
-            if not path.is_file():
-                (res,) = export_gguf(run, path, sparsity=s, outtype=outtype, model=lm.model, tokenizer=lm.tokenizer)
+            meta_file = path.with_suffix(".json")
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            if "agreement" not in meta:  # written and checked once; reruns reuse files and results
+                (res,) = export_gguf(run, path, sparsity=s, outtype=outtype, model=lm.model, tokenizer=lm.tokenizer,
+                                     overwrite=True)
                 meta = {"arch": res.arch, "per_layer": res.per_layer, "size_bytes": res.size_bytes,
-                        "gguf_matmul_params": res.matmul_params, "zero_heads": sum(r["zero_heads"] for r in res.layers)}
-                path.with_suffix(".json").write_text(json.dumps(meta))
-            meta = json.loads(path.with_suffix(".json").read_text())
-            partial = partial_utf8_tokens(path)
-            agree = compare_with_hf(path, model, TEXT, args.agree_tokens, tokenizer=lm.tokenizer,
-                                    exact=outtype == "f32", banned=range(17), partial=partial, threads=args.threads)
-            meta.update(path=str(path), agreement=agree["agreement"], same_prefix=agree["same_prefix"],
-                        n_tokens=agree["n_tokens"], mean_abs_logprob_diff=agree["mean_abs_logprob_diff"],
-                        max_abs_logprob_diff=agree["max_abs_logprob_diff"])
+                        "gguf_matmul_params": res.matmul_params,
+                        "zero_heads": sum(r["zero_heads"] for r in res.layers)}
+                agree = compare_with_hf(path, model, TEXT, args.agree_tokens, tokenizer=lm.tokenizer,
+                                        exact=outtype == "f32", banned=range(17), partial=partial_utf8_tokens(path),
+                                        threads=args.threads)
+                meta.update(path=str(path), agreement=agree["agreement"], same_prefix=agree["same_prefix"],
+                            n_tokens=agree["n_tokens"], mean_abs_logprob_diff=agree["mean_abs_logprob_diff"],
+                            max_abs_logprob_diff=agree["max_abs_logprob_diff"])
+                meta_file.write_text(json.dumps(meta))
+                if outtype == "f32" and not args.keep_f32:
+                    path.unlink()
             row["files"][outtype] = meta
             print(f"{s:.0%} {outtype}: {meta['arch']}, {meta['size_bytes'] / 1e6:.1f} MB, agreement "
-                  f"{agree['agreement']:.3f} ({agree['same_prefix']}/{agree['n_tokens']} in a row), "
-                  f"mean |dlogprob| {agree['mean_abs_logprob_diff']:.2e}", flush=True)
-            if outtype == "f32" and not args.keep_f32:
-                path.unlink()
+                  f"{meta['agreement']:.3f} ({meta['same_prefix']}/{meta['n_tokens']} in a row), "
+                  f"mean |dlogprob| {meta['mean_abs_logprob_diff']:.2e}", flush=True)
         rows.append(row)
         del model
     # timings: every model loaded once, measured round-robin
@@ -131,7 +139,7 @@ def run_benchmark(args) -> None:
     hf = {r["level"]: HFTimer(gisp.load_pretrained(r["hf_dir"], dtype="fp32", device="cpu").model, ids, args.gen)
           for r in rows}
     body = {"prompt": ids, "n_predict": args.gen, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
-    timings: dict = {k: {"pp": [], "tg": []} for k in servers}
+    timings: dict = {k: {"pp": [], "tg": [], "pp_cpu": [], "tg_cpu": []} for k in servers}
     for srv in servers.values():  # warm-up
         srv.server.handle_completions({**body, "n_predict": 4})
     for t in hf.values():
@@ -139,16 +147,26 @@ def run_benchmark(args) -> None:
     for rep in range(args.reps):
         for r in rows:
             for t in OUTTYPES:
-                out = servers[(r["level"], t)].server.handle_completions(body)["timings"]
-                timings[(r["level"], t)]["pp"].append(out["prompt_per_second"])
-                timings[(r["level"], t)]["tg"].append(out["predicted_per_second"])
+                srv, rec = servers[(r["level"], t)].server, timings[(r["level"], t)]
+                c0 = time.process_time()
+                srv.handle_completions({**body, "n_predict": 1})
+                c1 = time.process_time()
+                out = srv.handle_completions(body)["timings"]
+                c2 = time.process_time()
+                rec["pp"].append(out["prompt_per_second"])
+                rec["tg"].append(out["predicted_per_second"])
+                rec["pp_cpu"].append(len(ids) / (c1 - c0))
+                rec["tg_cpu"].append((args.gen - 1) / max(1e-9, (c2 - c1) - (c1 - c0)))
             hf[r["level"]].once()
         print(f"repetition {rep + 1}/{args.reps} done", flush=True)
     for r in rows:
         for t in OUTTYPES:
             r["files"][t]["pp_tok_s"] = timings[(r["level"], t)]["pp"]
             r["files"][t]["tg_tok_s"] = timings[(r["level"], t)]["tg"]
+            r["files"][t]["pp_cpu_tok_s"] = timings[(r["level"], t)]["pp_cpu"]
+            r["files"][t]["tg_cpu_tok_s"] = timings[(r["level"], t)]["tg_cpu"]
         r["hf_pp_tok_s"], r["hf_tg_tok_s"] = hf[r["level"]].pp, hf[r["level"]].tg
+        r["hf_pp_cpu_tok_s"], r["hf_tg_cpu_tok_s"] = hf[r["level"]].pp_cpu, hf[r["level"]].tg_cpu
     info["load_average_at_end"] = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
     raw = {"machine": info, "command": command(), "seconds": time.time() - t0, "threads": args.threads,
            "prompt_tokens": args.prompt, "gen_tokens": args.gen, "reps": args.reps, "run": str(run),
@@ -162,24 +180,43 @@ def write_doc(raw: dict, doc: Path, json_path: Path) -> None:
     med = statistics.median
     rows = raw["rows"]
     dense = rows[0]
-    table = []
+
+    def label(r: dict) -> str:
+        return "dense" if r["level"] == 0 else f"{r['level']:.0%}"
+
+    def cell(r: dict, key: str, fmt: str, f: dict | None = None, fd: dict | None = None) -> str:
+        src, ref = (f, fd) if f is not None else (r, dense)
+        v = med(src[key])
+        return f"{v:{fmt}} ({v / med(ref[key]):.2f}x)"
+
+    summary, tables = [], {"cpu": [], "wall": []}
     for r in rows:
         ideal = dense["matmul_params"] / r["matmul_params"]
-        label = "dense" if r["level"] == 0 else f"{r['level']:.0%}"
-        line = [label, r["step"], f"{r['sparsity']:.3f}", f"{ideal:.2f}x"]
-        for t in OUTTYPES:
-            f, fd = r["files"][t], dense["files"][t]
-            written = fd["gguf_matmul_params"] / f["gguf_matmul_params"]
-            pp, tg = med(f["pp_tok_s"]), med(f["tg_tok_s"])
-            line += [f"{f['size_bytes'] / 1e6:.0f}", f"{written:.2f}x", f"{pp:.0f} ({pp / med(fd['pp_tok_s']):.2f}x)",
-                     f"{tg:.1f} ({tg / med(fd['tg_tok_s']):.2f}x)"]
-        pp, tg = med(r["hf_pp_tok_s"]), med(r["hf_tg_tok_s"])
-        line += [f"{pp:.0f} ({pp / med(dense['hf_pp_tok_s']):.2f}x)",
-                 f"{tg:.1f} ({tg / med(dense['hf_tg_tok_s']):.2f}x)"]
-        table.append(line)
+        sp = [f"{med(r['files'][t][k]) / med(dense['files'][t][k]):.2f}x" for t in OUTTYPES
+              for k in ("pp_cpu_tok_s", "tg_cpu_tok_s")]
+        sp += [f"{med(r[k]) / med(dense[k]):.2f}x" for k in ("hf_pp_cpu_tok_s", "hf_tg_cpu_tok_s")]
+        summary.append([label(r), f"{r['sparsity']:.3f}", f"{ideal:.2f}x", *sp])
+        for clock, (pk, tk) in (("cpu", ("pp_cpu_tok_s", "tg_cpu_tok_s")), ("wall", ("pp_tok_s", "tg_tok_s"))):
+            line = [label(r), r["step"], f"{r['sparsity']:.3f}", f"{ideal:.2f}x"]
+            for t in OUTTYPES:
+                f, fd = r["files"][t], dense["files"][t]
+                written = fd["gguf_matmul_params"] / f["gguf_matmul_params"]
+                line += [f"{f['size_bytes'] / 1e6:.0f}", f"{written:.2f}x", cell(r, pk, ".0f", f, fd),
+                         cell(r, tk, ".1f", f, fd)]
+            line += [cell(r, f"hf_{pk}", ".0f"), cell(r, f"hf_{tk}", ".1f")]
+            tables[clock].append(line)
     header = ["level", "step", "sparsity", "ideal", *[f"{t} {c}" for t in OUTTYPES for c in
                                                        ("MB", "written", "pp tok/s", "tg tok/s")],
               "transformers pp tok/s", "transformers tg tok/s"]
+    def spread_of(keys: tuple[str, ...]) -> float:
+        series = [r["files"][t][k] for r in rows for t in OUTTYPES for k in keys]
+        series += [r["hf_" + k] for r in rows for k in keys]
+        return max(max(x) / min(x) for x in series if x)
+
+    spread = spread_of(("pp_tok_s", "tg_tok_s"))
+    spread_cpu = spread_of(("pp_cpu_tok_s", "tg_cpu_tok_s"))
+    summary_header = ["level", "sparsity", "ideal", *[f"llama.cpp {t} {c}" for t in OUTTYPES for c in ("pp", "tg")],
+                      "transformers pp", "transformers tg"]
     agree = []
     for r in rows:
         label = "dense" if r["level"] == 0 else f"{r['level']:.0%}"
@@ -198,22 +235,39 @@ settings: f16 KV cache, flash attention auto), next to the same level as an HF e
 
 - Command: `{raw['command']}` ({raw['seconds'] / 60:.1f} min in all)
 - Machine: {m.get('cpu', '?')}, {m.get('cores_usable', '?')} usable cores, shared with other jobs (load average
-  {m.get('load_average_at_start', '?')} at start, {m.get('load_average_at_end', '?')} at end); {raw['threads']} threads
-  in llama.cpp and torch; torch {m.get('torch')}, transformers {m.get('transformers')}
+  {m.get('load_average_at_start', '?')} at start, {m.get('load_average_at_end', '?')} at end); threads in llama.cpp
+  and torch: {raw['threads']}; torch {m.get('torch')}, transformers {m.get('transformers')}
 - Run: `{raw['run']}`, {raw['run_config'].get('steps')} steps to {raw['run_config'].get('target')}, calibration
   `{raw['run_config'].get('calib')}`; a level is the last step at or below the asked sparsity
-- Throughput: llama.cpp's own timings (`prompt_per_second`, `predicted_per_second`) for a
-  {raw['prompt_tokens']}-token prompt (wiki eval text) and {raw['gen_tokens']} generated tokens; transformers (fp32,
-  HF export, `gisp.load_pretrained`): one forward of the prompt, and (time for {raw['gen_tokens']} new tokens - time
-  for 1) per token with `generate`. {raw['reps']} repetitions, all models loaded at once and timed round-robin in one
-  process; medians; in brackets the speed-up over dense in the same engine and type
+- Throughput: a {raw['prompt_tokens']}-token prompt (wiki eval text) and {raw['gen_tokens']} generated tokens.
+  llama.cpp: its own timings (`prompt_per_second`, `predicted_per_second`) for wall-clock; for CPU time,
+  a request generating 1 token (prompt processing) and one generating {raw['gen_tokens']}, the difference being
+  generation. transformers (fp32, HF export, `gisp.load_pretrained`): one forward of the prompt, and
+  (time for {raw['gen_tokens']} new tokens - time for 1) with `generate`. {raw['reps']} repetitions, all models
+  loaded at once and timed round-robin in one process; medians; in brackets the speed-up over dense in the
+  same engine and type
 - ideal = dense matmul weights per token / the level's (all linear layers and lm_head; attention over the
   context and norms not counted); written = the same ratio for what the GGUF file multiplies (zero heads and
   channels that make groups even or FFN widths blocks of 32 included)
 
-## Speed and size
+## Speed-ups over dense (CPU time, same engine and type)
 
-{md_table(header, table)}
+{md_table(summary_header, summary)}
+
+## Speed and size, CPU time
+
+Throughput per CPU-second of the process (llama.cpp's and torch's threads together): what the work
+costs, little disturbed by the other jobs on the machine.
+
+{md_table(header, tables["cpu"])}
+
+## Speed and size, wall-clock (llama.cpp's own timings)
+
+What a user waits; on this shared machine one model's wall-clock throughput varied by up to {spread:.1f}x
+between repetitions (CPU time: {spread_cpu:.1f}x), so these ratios are noisier (raw repetitions in
+`docs/bench_gguf.json`).
+
+{md_table(header, tables["wall"])}
 
 ## Agreement with the HF export (the same level in transformers)
 
@@ -243,16 +297,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="/tmp/gisp-bench-gguf/run", help="a SmolLM2 run (pruned first if missing)")
     ap.add_argument("--work", default="/tmp/gisp-bench-gguf", help="where the exports and GGUF files go")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (1: CPU time is the work)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--agree-tokens", type=int, default=64)
     ap.add_argument("--keep-f32", action="store_true", help="keep the f32 files (used only for the exactness check)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "bench_gguf.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench_gguf.json"))
+    ap.add_argument("--render", action="store_true", help="rewrite --doc from --json only (no measuring)")
     args = ap.parse_args()
+    if args.render:
+        write_doc(json.loads(Path(args.json).read_text()), Path(args.doc), Path(args.json))
+        return
     if args.quick:
         args.prompt, args.gen, args.reps, args.agree_tokens = 32, 8, 1, 16
     run_benchmark(args)

@@ -25,7 +25,7 @@ def levels_table(rows: list, title: str) -> Table:
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="A run directory written by gisp prune."),
+    run: Path = typer.Argument(..., help="A run directory written by gisp prune (gguf: or an export directory)."),
     out: Path = typer.Option(None, "--out", help="Directory to write (new or empty); a .gguf file for gguf."),
     sparsity: str = typer.Option(None, help="Export the last step at or below this sparsity (gguf: a list, 0.2,0.3)."),
     step: int = typer.Option(None, help="Export this step of the run."),
