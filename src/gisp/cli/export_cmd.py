@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gisp.cli.app import app
+from gisp.cli.common import parse_floats
 from gisp.errors import GispError
 
 
@@ -24,9 +25,9 @@ def levels_table(rows: list, title: str) -> Table:
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="A run directory written by gisp prune."),
-    out: Path = typer.Option(None, "--out", help="Directory to write (must not exist or be empty)."),
-    sparsity: float = typer.Option(None, help="Export the last step at or below this sparsity."),
+    run: Path = typer.Argument(..., help="A run directory written by gisp prune (gguf: or an export directory)."),
+    out: Path = typer.Option(None, "--out", help="Directory to write (new or empty); a .gguf file for gguf."),
+    sparsity: str = typer.Option(None, help="Export the last step at or below this sparsity (gguf: a list, 0.2,0.3)."),
     step: int = typer.Option(None, help="Export this step of the run."),
     max_params: str = typer.Option(None, help="Largest model with at most this many parameters, e.g. 90M."),
     max_size_gb: float = typer.Option(None, help="Largest model whose weights fit in this many GB (1e9 bytes)."),
@@ -36,6 +37,8 @@ def export_command(
     dtype: str = typer.Option(None, help="Weight dtype of the export: fp32, bf16, fp16 (default: the base model's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
+    fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory) or gguf (files for llama.cpp)."),
+    outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
     from gisp.deploy.export import export
@@ -53,8 +56,21 @@ def export_command(
         Console().print(levels_table(rows, f"{traj.model.get('name')}: exportable levels "
                                            f"(params incl. embeddings{extra})"))
         return
+    if fmt == "gguf" and not list_levels:
+        if dtype is not None:
+            raise GispError("--dtype sets the weights of --format hf; for gguf give --outtype f32, f16, bf16 or q8_0")
+        return gguf_export_command(run, out, sparsity=sparsity, step=step, max_params=max_params,
+                                   max_size_gb=max_size_gb, outtype=outtype, gqa=gqa, round_to=round_to,
+                                   uniform=uniform, overwrite=overwrite)
+    if fmt != "hf":
+        raise GispError(f"--format '{fmt}' is not known: use hf or gguf")
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
+    if sparsity is not None:
+        values = parse_floats(sparsity)
+        if len(values) != 1:
+            raise GispError("--format hf exports one level: give one --sparsity (several work with --format gguf)")
+        sparsity = values[0]
     res = export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
                  round_to=round_to, uniform=uniform, gqa=gqa, dtype=dtype, overwrite=overwrite)
     console = Console()
@@ -69,3 +85,23 @@ def export_command(
         console.print(f"{a['kind']}: {a['params_delta']:+,} params vs step {res.step} "
                       f"(sparsity {a['sparsity_before']:.4f} -> {a['sparsity_after']:.4f}); "
                       f"structures removed from protected layers: {a['protected_structures_removed']}")
+
+
+def gguf_export_command(run: Path, out: Path | None, *, sparsity: str | None, step: int | None, max_params: str | None,
+               max_size_gb: float | None, outtype: str, gqa: str, round_to: int | None, uniform: bool,
+               overwrite: bool) -> None:
+    """``gisp export ... --format gguf``: write the files and print one line each."""
+    from gisp.deploy.gguf import export_gguf
+
+    if out is None:
+        raise GispError("give --out FILE.gguf (or a directory / a name with {sparsity} for several levels)")
+    values = parse_floats(sparsity) if sparsity is not None else None
+    results = export_gguf(run, out, sparsity=values, step=step, max_params=max_params, max_size_gb=max_size_gb,
+                          outtype=outtype, gqa=gqa, round_to=round_to, uniform=uniform, overwrite=overwrite)
+    console = Console()
+    for r in results:
+        level = "" if r.step is None else f"step {r.step} (sparsity {r.sparsity:.4f}) "
+        shape = "per-layer widths" if r.per_layer else "uniform widths"
+        console.print(f"wrote {level}to {r.path}: {r.arch} ({shape}), {r.outtype}, {r.size_bytes / 1e6:.1f} MB")
+        for note in r.notes:
+            console.print(f"  note: {note}")
