@@ -14,6 +14,7 @@ from gisp.perplexity import perplexity  # noqa: E402
 from gisp.prune import PruneConfig, prune  # noqa: E402
 from gisp.structures import Layout, Mask  # noqa: E402
 from gisp.trajectory import Trajectory  # noqa: E402
+import gisp.vllm_export  # noqa: E402,F401  (registers the gisp_decilm config of --format vllm with AutoConfig)
 
 __all__ = [
     "ArchAdapter", "CalibrationSet", "ElasticModel", "GispError", "Layout", "Mask", "PruneConfig", "Trajectory",

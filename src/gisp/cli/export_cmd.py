@@ -24,7 +24,7 @@ def levels_table(rows: list, title: str) -> Table:
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="A run directory written by gisp prune."),
+    run: Path = typer.Argument(..., help="A run directory written by gisp prune (or, with --format vllm, an export)."),
     out: Path = typer.Option(None, "--out", help="Directory to write (must not exist or be empty)."),
     sparsity: float = typer.Option(None, help="Export the last step at or below this sparsity."),
     step: int = typer.Option(None, help="Export this step of the run."),
@@ -35,6 +35,8 @@ def export_command(
     gqa: str = typer.Option("map", help="Uneven GQA groups: map (smallest, needs gisp) or duplicate (standard)."),
     dtype: str = typer.Option(None, help="Weight dtype of the export: fp32, bf16, fp16 (default: the base model's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    fmt: str = typer.Option("hf", "--format", help="hf: Hugging Face directory; vllm: for vLLM's DeciLMForCausalLM "
+                            "(vllm serve DIR, with gisp installed next to vLLM)."),
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
@@ -57,6 +59,18 @@ def export_command(
         return
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
+    if fmt == "vllm":
+        from gisp.vllm_export import export_vllm
+
+        v = export_vllm(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
+                        round_to=round_to, uniform=uniform, dtype=dtype, overwrite=overwrite)
+        level = "" if v.step is None else f"step {v.step} (sparsity {v.sparsity:.4f}) "
+        Console().print(f"exported {level}for vLLM to {v.path}: {v.params_true:,} params "
+                        f"({v.params_written:,} written, {v.params_written - v.params_true:+,} padding; KV heads "
+                        f"{v.kv_heads_true} -> {v.kv_heads_written}); serve with: vllm serve {v.path}")
+        return
+    if fmt != "hf":
+        raise GispError(f"unknown --format '{fmt}': use hf or vllm")
     res = export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
                  round_to=round_to, uniform=uniform, gqa=gqa, dtype=dtype, overwrite=overwrite)
     console = Console()
