@@ -57,7 +57,7 @@ PROMPTS = [
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its children (the engine runs in-process here, see run_vllm)."""
+    """CPU time of this process and its children (vLLM's engine core and worker processes)."""
     import psutil
 
     me = psutil.Process()
@@ -77,7 +77,7 @@ def serve(path: str, job_file: str) -> dict[str, Any]:
     job = json.loads(Path(job_file).read_text())
     t0 = time.perf_counter()
     llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=job["max_model_len"], seed=0,
-              gpu_memory_utilization=job["mem_util"])
+              gpu_memory_utilization=job["mem_util"], enable_prefix_caching=False)  # every run computes its prompts
     start_s = time.perf_counter() - t0
     greedy = SamplingParams(max_tokens=job["new_tokens"], temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], greedy, use_tqdm=False)
@@ -149,11 +149,8 @@ def reference_tokens(path: Path, prompts: list[list[int]], new: int) -> list[lis
     return out
 
 
-def run_vllm(vllm_python: str, path: Path, job_file: Path, log: Path, threads_bind: str = "0") -> dict[str, Any]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-           # the engine in this process (its CPU time is measurable) and one OpenMP thread on a fixed core: on a
-           # shared machine, CPU time is far steadier than wall-clock time (no spin-waiting on busy cores)
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": threads_bind}
+def run_vllm(vllm_python: str, path: Path, job_file: Path, log: Path) -> dict[str, Any]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     env.pop("PYTHONPATH", None)  # vLLM's environment has its own (older) transformers: keep gisp's sources out
     t = time.perf_counter()
     r = subprocess.run(["nice", "-n", "10", vllm_python, __file__, "serve", str(path), str(job_file)],
@@ -182,14 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", required=True, help="python of an environment with vLLM and gisp's plugin")
     ap.add_argument("--run", type=Path, default=None, help="a gisp run of SmolLM2-135M (default: prune one)")
-    ap.add_argument("--work", type=Path, default=ROOT / "work" / "bench_vllm")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_vllm")
     ap.add_argument("--levels", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--requests", type=int, default=8, help="concurrent requests in the throughput test")
     ap.add_argument("--bench-prompt-len", type=int, default=128)
     ap.add_argument("--bench-new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--threads-bind", default="0", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (default: core 0 only)")
     ap.add_argument("--mem-util", type=float, default=0.2, help="vLLM's memory fraction (on CPU: of host memory)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_vllm.md")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_vllm.json")
@@ -248,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                  kv_true=rec.get("kv_heads_true"), kv_written=rec.get("kv_heads_written"),
                  mm_true=matmul_params(m["hf"]), mm_written=matmul_params(m["serve"]))
         print(f"vLLM: {m['name']} ({m['serve'].name})", flush=True)
-        m["vllm"] = run_vllm(args.vllm_python, m["serve"], job_file, args.work / f"{m['serve'].name}.log",
-                             args.threads_bind)
+        m["vllm"] = run_vllm(args.vllm_python, m["serve"], job_file, args.work / f"{m['serve'].name}.log")
         ref, got = refs[m["hf"]], m["vllm"]["tokens"]
         m["equal"] = sum(a == b for a, b in zip(ref, got))
         m["first_diff"] = next(([i, next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)]
@@ -271,11 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         ideal_true = base["mm_true"] / m["mm_true"]
         ideal_written = base["mm_true"] / m["mm_written"]
         b = base["vllm"]
-        rows_tp.append([m["name"], f"{v['prompt_tok_cpu_s']:.0f}",
-                        f"{v['prompt_tok_cpu_s'] / b['prompt_tok_cpu_s']:.2f}x",
-                        f"{v['gen_tok_cpu_s']:.1f}", f"{v['gen_tok_cpu_s'] / b['gen_tok_cpu_s']:.2f}x",
-                        f"{ideal_true:.2f}x", f"{ideal_written:.2f}x", f"{ideal_true / ideal_written - 1:.1%}",
-                        f"{v['prompt_tok_s']:.0f} / {v['gen_tok_s']:.1f}"])
+        rate = [f"{v[k]:.{1 if k.startswith('gen') else 0}f} ({v[k] / b[k]:.2f}x)"
+                for k in ("prompt_tok_s", "gen_tok_s", "prompt_tok_cpu_s", "gen_tok_cpu_s")]
+        rows_tp.append([m["name"], *rate, f"{ideal_true:.2f}x", f"{ideal_written:.2f}x",
+                        f"{ideal_true / ideal_written - 1:+.1%}"])
     vv = base["vllm"]["versions"]
     all_equal = all(m["equal"] == len(prompts) for m in models)
     seconds = time.perf_counter() - t_start
@@ -311,19 +305,17 @@ Params: true = the unpadded export; written = the vLLM directory (padding: zero 
 
 ## Throughput in vLLM
 
-{args.requests} concurrent requests of {args.bench_prompt_len} prompt tokens (WikiText) each, submitted together.
-Prompt: requests of one output token; generation: the other {args.bench_new_tokens - 1} tokens of
-{args.bench_new_tokens}-token requests, over the time beyond the prompt-only run. vLLM runs its engine in the
-measuring process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with one OpenMP thread
-(`VLLM_CPU_OMP_THREADS_BIND={args.threads_bind}`), and throughput is tokens per CPU-second of that process:
-on this shared machine wall-clock rates depend on what else runs (load average at start above), CPU time far
-less. Wall-clock rates (tok/s, best of {args.reps}) are in the last column. Speed-ups are against the dense plain Llama
-export. FLOP-ideal: dense matmul weights per token / the level's (all linear layers and lm_head; attention
-scores ignored at these lengths), unpadded ("true") and as written; "padding cost" is how much more the
-written model computes than the unpadded one.
+{args.requests} concurrent requests of {args.bench_prompt_len} prompt tokens (WikiText) each, submitted together
+(prefix caching off). Prompt: requests of one output token; generation: the other {args.bench_new_tokens - 1}
+tokens of {args.bench_new_tokens}-token requests, over the time beyond the prompt-only run. Rates per
+wall-clock second (best of {args.reps}) and per CPU-second of vLLM's processes (engine core and worker, default
+thread binding); in brackets the speed-up against the dense plain Llama export. On this shared machine both
+depend on what else runs (load average at start above). FLOP-ideal: dense matmul weights per token / the
+level's (all linear layers and lm_head; attention scores ignored at these lengths), unpadded ("true") and as
+written; "padding cost": how much more the written model computes than the unpadded one.
 
-{md_table(['model', 'prompt tok/CPU-s', 'speed-up', 'generation tok/CPU-s', 'speed-up', 'FLOP-ideal (true)',
-           'FLOP-ideal (written)', 'padding cost', 'wall tok/s (prompt / gen)'], rows_tp)}
+{md_table(['model', 'prompt tok/s', 'generation tok/s', 'prompt tok/CPU-s', 'generation tok/CPU-s',
+           'FLOP-ideal (true)', 'FLOP-ideal (written)', 'padding cost'], rows_tp)}
 """
     args.out.write_text(doc)
     raw = {"command": cmd, "machine": info, "run": str(run), "args": {k: str(v) for k, v in vars(args).items()},
