@@ -36,8 +36,9 @@ MLPs are never padded. ``gisp_export.json`` records per layer what was padded,
 the true (unpadded) parameter count and the count written.
 
 The config has model type ``gisp_decilm``: transformers without gisp refuses
-it rather than building a plain Llama of the wrong shapes. :func:`load_transformers`
-builds the equivalent transformers model (gisp's per-layer classes with the
+it rather than building a plain Llama of the wrong shapes. After ``import gisp``,
+``AutoModelForCausalLM`` / ``gisp.load_pretrained`` (and :func:`load_transformers`)
+build the equivalent transformers model (gisp's per-layer classes with the
 padded widths), which the tests compare with the unpadded export.
 """
 
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedModel
 
 from gisp.errors import GispError
 from gisp_vllm import ARCHITECTURE, MODEL_TYPE, GispDeciLMConfig, register
@@ -540,6 +541,37 @@ def load_transformers(path: str | Path, *, dtype: torch.dtype | None = None) -> 
     return model.to(dtype).eval()
 
 
-__all__ = ["FAMILIES", "Family", "LayerLayout", "Plan", "VllmExportResult", "export_vllm", "family_of",
-           "is_export_dir", "load_transformers", "padded_state_dict", "plan_layout", "transformers_config",
+class GispDeciLMForCausalLM(PreTrainedModel):
+    """``AutoModelForCausalLM`` entry for ``gisp_decilm`` (after ``import gisp``): builds the equivalent
+    transformers model (see :func:`load_transformers`), so ``gisp.load_pretrained`` and ``gisp eval`` read
+    a vLLM export too. Never instantiated itself."""
+
+    config_class = GispDeciLMConfig
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        raise GispError("build a vLLM export with AutoModelForCausalLM.from_config / from_pretrained, "
+                        "or gisp.vllm_export.load_transformers")
+
+    @classmethod
+    def _from_config(cls, config: Any, **kwargs: Any) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(transformers_config(config), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        dtype = kwargs.get("dtype")
+        return load_transformers(pretrained_model_name_or_path, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _register_model() -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.register(GispDeciLMConfig, GispDeciLMForCausalLM, exist_ok=True)
+
+
+_register_model()
+
+__all__ = ["FAMILIES", "Family", "GispDeciLMForCausalLM", "LayerLayout", "Plan", "VllmExportResult", "export_vllm",
+           "family_of", "is_export_dir", "load_transformers", "padded_state_dict", "plan_layout", "transformers_config",
            "write_vllm"]
