@@ -155,6 +155,28 @@ def _lazy_config_class(model_type: str) -> type:
     })
 
 
+# Export formats defined in higher layers (model type -> module that registers its classes on import),
+# found by name when such a config is first read, as plugins are.
+FORMAT_PROVIDERS = {"gisp_decilm": "gisp.deploy.vllm"}
+
+
+def _format_config_class(model_type: str, module: str) -> type:
+    """A stand-in for a format's config class: importing ``module`` registers the real one."""
+
+    def real() -> type:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        importlib.import_module(module)
+        return CONFIG_MAPPING[model_type]
+
+    return type(f"Lazy{model_type.title()}Config", (), {
+        "model_type": model_type,
+        "from_dict": classmethod(lambda cls, *a, **k: real().from_dict(*a, **k)),
+        "from_pretrained": classmethod(lambda cls, *a, **k: real().from_pretrained(*a, **k)),
+        "__new__": lambda cls, *a, **k: real()(*a, **k),
+    })
+
+
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 
 
@@ -163,6 +185,9 @@ def _register_config_stand_ins(config_auto: Any) -> None:
         if model_type not in _registered:
             config_auto.AutoConfig.register(PER_LAYER_PREFIX + model_type, _lazy_config_class(model_type),
                                             exist_ok=True)
+    for model_type, module in FORMAT_PROVIDERS.items():
+        if module not in sys.modules:
+            config_auto.AutoConfig.register(model_type, _format_config_class(model_type, module), exist_ok=True)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

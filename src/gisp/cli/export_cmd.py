@@ -25,7 +25,7 @@ def levels_table(rows: list, title: str) -> Table:
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="A run directory written by gisp prune (gguf: or an export directory)."),
+    run: Path = typer.Argument(..., help="A run directory written by gisp prune (gguf, vllm: or an export directory)."),
     out: Path = typer.Option(None, "--out", help="Directory to write (new or empty); a .gguf file for gguf."),
     sparsity: str = typer.Option(None, help="Export the last step at or below this sparsity (gguf: a list, 0.2,0.3)."),
     step: int = typer.Option(None, help="Export this step of the run."),
@@ -37,7 +37,8 @@ def export_command(
     dtype: str = typer.Option(None, help="Weight dtype of the export: fp32, bf16, fp16 (default: the base model's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
-    fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory) or gguf (files for llama.cpp)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory), gguf (files for llama.cpp) or "
+                            "vllm (for vLLM's DeciLMForCausalLM: vllm serve DIR, gisp installed next to it)."),
     outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
@@ -62,10 +63,21 @@ def export_command(
         return gguf_export_command(run, out, sparsity=sparsity, step=step, max_params=max_params,
                                    max_size_gb=max_size_gb, outtype=outtype, gqa=gqa, round_to=round_to,
                                    uniform=uniform, overwrite=overwrite)
-    if fmt != "hf":
-        raise GispError(f"--format '{fmt}' is not known: use hf or gguf")
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
+    if fmt == "vllm":
+        from gisp.deploy.vllm import export_vllm
+
+        one = parse_floats(sparsity)[0] if sparsity is not None else None
+        v = export_vllm(run, out, sparsity=one, step=step, max_params=max_params, max_size_gb=max_size_gb,
+                        round_to=round_to, uniform=uniform, dtype=dtype, overwrite=overwrite)
+        level = "" if v.step is None else f"step {v.step} (sparsity {v.sparsity:.4f}) "
+        Console().print(f"exported {level}for vLLM to {v.path}: {v.params_true:,} params "
+                        f"({v.params_written:,} written, {v.params_written - v.params_true:+,} padding; KV heads "
+                        f"{v.kv_heads_true} -> {v.kv_heads_written}); serve with: vllm serve {v.path}")
+        return
+    if fmt != "hf":
+        raise GispError(f"unknown --format '{fmt}': use hf, gguf or vllm")
     if sparsity is not None:
         values = parse_floats(sparsity)
         if len(values) != 1:
