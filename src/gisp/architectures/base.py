@@ -94,6 +94,10 @@ class Architecture(ABC):
     """Submodules of a decoder layer that exist only for its attention block (dropped when it is skipped)."""
     mlp_modules: ClassVar[tuple[str, ...]] = ("mlp", "post_attention_layernorm")
     """Submodules of a decoder layer that exist only for its MLP block."""
+    projection_names: ClassVar[dict[str, str]] = {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    """Where each projection sits inside a decoder layer (its state-dict name without ``.weight``)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -130,15 +134,23 @@ class Architecture(ABC):
         """The decoder layers of a causal LM of this family."""
         return model.model.layers
 
+    def _projection(self, layer: nn.Module, key: str) -> nn.Linear | None:
+        module: Any = layer
+        for part in self.projection_names[key].split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                return None
+        return module
+
     def attention(self, layer: nn.Module) -> AttentionProjections | None:
         """A layer's attention projections (``None`` when an export skipped the block)."""
-        a = getattr(layer, "self_attn", None)
-        return None if a is None else AttentionProjections(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+        q = self._projection(layer, "q")
+        return None if q is None else AttentionProjections(*(self._projection(layer, k) for k in "qkvo"))
 
     def mlp(self, layer: nn.Module) -> MLPProjections | None:
         """A layer's MLP projections (``None`` when an export skipped the block)."""
-        m = getattr(layer, "mlp", None)
-        return None if m is None else MLPProjections(m.gate_proj, m.up_proj, m.down_proj)
+        gate = self._projection(layer, "gate")
+        return None if gate is None else MLPProjections(*(self._projection(layer, k) for k in ("gate", "up", "down")))
 
     def block_modules(self, layer: nn.Module, block: str) -> list[nn.Module]:
         """The modules of one block (``attention`` or ``mlp``) of a layer, norms included."""

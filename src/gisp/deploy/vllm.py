@@ -19,7 +19,7 @@ Nemotron models) reads per-layer ``block_configs``:
 
 Padding, only where that class requires it, all exact:
 
-- query heads: a layer with fewer heads gets zero q rows and zero o_proj
+- query heads: a layer with fewer heads gets zero q rows and zero o-projection
   columns (a zero query attends uniformly, and its output is multiplied by
   zero columns);
 - KV heads: each kept KV head takes ``ceil(its query heads / group)`` KV
@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from gisp.architectures import architecture_class
 from gisp.errors import GispError
 from gisp_vllm import ARCHITECTURE, MODEL_TYPE, GispDeciLMConfig, register
 
@@ -75,7 +76,7 @@ _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "chat_template", "vocab", 
 class Family:
     """How a source family maps onto vLLM's DeciLM (Llama attention and MLP).
 
-    ``qkv_bias``: the family always has q/k/v biases and no o_proj bias
+    ``qkv_bias``: the family always has q/k/v biases and no o-projection bias
     (written as DeciLM's ``qkv_bias``); otherwise ``attention_bias`` (q/k/v and
     o together) is the source's. ``sliding_window``: config keys that, when
     set, ask for sliding-window attention, which DeciLM does not implement.
@@ -259,6 +260,7 @@ def padded_state_dict(state: dict[str, torch.Tensor], plan: Plan, head_dim: int,
     """
     dtype = state["model.embed_tokens.weight"].dtype
     out = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    names = architecture_class("llama").projection_names  # vLLM's DeciLM layers use Llama's module names
     for i, lay in enumerate(plan.layers):
         p = f"{prefix}.{i}"
         mine = {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
@@ -272,20 +274,18 @@ def padded_state_dict(state: dict[str, torch.Tensor], plan: Plan, head_dim: int,
             continue
         if lay.residual_pad:
             mine = {"input_layernorm.weight": torch.ones(hidden, dtype=dtype),
-                    "self_attn.o_proj.weight": torch.zeros(hidden, 0, dtype=dtype)}
+                    f"{names['o']}.weight": torch.zeros(hidden, 0, dtype=dtype)}
             if o_bias:
-                mine["self_attn.o_proj.bias"] = torch.zeros(hidden, dtype=dtype)
+                mine[f"{names['o']}.bias"] = torch.zeros(hidden, dtype=dtype)
         out[f"{p}.input_layernorm.weight"] = mine["input_layernorm.weight"]
-        for proj, slots in (("q_proj", lay.q_slots), ("k_proj", lay.kv_slots), ("v_proj", lay.kv_slots)):
-            out[f"{p}.self_attn.{proj}.weight"] = _slots(mine.get(f"self_attn.{proj}.weight"), slots, head_dim,
-                                                          (hidden,), dtype)
-            if qkv_bias or f"self_attn.{proj}.bias" in mine:
-                out[f"{p}.self_attn.{proj}.bias"] = _slots(mine.get(f"self_attn.{proj}.bias"), slots, head_dim,
-                                                            (), dtype)
-        o = mine["self_attn.o_proj.weight"].t()
-        out[f"{p}.self_attn.o_proj.weight"] = _slots(o, lay.q_slots, head_dim, (hidden,), dtype).t().contiguous()
-        if "self_attn.o_proj.bias" in mine:
-            out[f"{p}.self_attn.o_proj.bias"] = mine["self_attn.o_proj.bias"]
+        for proj, slots in ((names["q"], lay.q_slots), (names["k"], lay.kv_slots), (names["v"], lay.kv_slots)):
+            out[f"{p}.{proj}.weight"] = _slots(mine.get(f"{proj}.weight"), slots, head_dim, (hidden,), dtype)
+            if qkv_bias or f"{proj}.bias" in mine:
+                out[f"{p}.{proj}.bias"] = _slots(mine.get(f"{proj}.bias"), slots, head_dim, (), dtype)
+        o = mine[f"{names['o']}.weight"].t()
+        out[f"{p}.{names['o']}.weight"] = _slots(o, lay.q_slots, head_dim, (hidden,), dtype).t().contiguous()
+        if f"{names['o']}.bias" in mine:
+            out[f"{p}.{names['o']}.bias"] = mine[f"{names['o']}.bias"]
     return out
 
 
@@ -386,7 +386,7 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
         "params_padding": written - true_params,
         "kv_heads_true": kv_true,
         "kv_heads_written": kv_written,
-        "padding": "zero q rows / o_proj columns, zero or duplicated k/v rows; MLPs exact (see gisp.deploy.vllm)",
+        "padding": "zero q rows / o-projection columns, zero or duplicated k/v rows; MLPs exact (see gisp.deploy.vllm)",
         "layers": [lay.record() for lay in plan.layers],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
