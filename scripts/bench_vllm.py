@@ -11,7 +11,7 @@ transformers is older than gisp's), e.g. the CPU build:
 then, from gisp's own environment (``make setup``):
 
     .venv/bin/python scripts/bench_vllm.py --vllm-python /opt/vllm-venv/bin/python
-        [--run RUN]  (default: prunes SmolLM2-135M to 50% in 10 steps into work/run, a few minutes)
+        [--run RUN]  (default: prunes SmolLM2-135M to 50% in 10 steps into runs/bench_vllm/run)
 
 Per level (dense and ``--levels``) it writes the Hugging Face export and the
 ``--format vllm`` export, computes greedy continuations of fixed prompts with
