@@ -54,7 +54,7 @@ def ensure_run(args) -> Path:
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    from gisp.data import token_stream
+    from gisp.core.data import token_stream
 
     stream, _ = token_stream("wiki", "eval", tokenizer)
     return stream[:n].tolist()

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = gisp.load_model(traj.model.get("path") or traj.model["name"], dtype="fp32", device="cpu")
     tok = loaded.tokenizer
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    from gisp.data import token_stream
+    from gisp.core.data import token_stream
 
     stream, _ = token_stream("wiki", "eval", tok)
     n = args.bench_prompt_len

@@ -332,7 +332,7 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path):
 @pytest.mark.integration
 def test_smollm2_levels_in_llamacpp(smollm2, tmp_path):
     """The real SmolLM2 at two levels of a short run: exact in f32; f16 and q8_0 agreement reported."""
-    from gisp.calibration import build_calibration
+    from gisp.core.calibration import build_calibration
 
     run = tmp_path / "run"
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
