@@ -13,7 +13,6 @@ written (``gqa``): :mod:`gisp.architectures.slicing`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from gisp.deploy.compensation import compensation_for_step
 from gisp.deploy.levels import levels, select_level
 from gisp.errors import GispError
 from gisp.loading import load_base_model, torch_dtype
-from gisp.provenance import atomic_write_text, versions
+from gisp.provenance import atomic_write_text, replace_directory, versions
 from gisp.run.trajectory import Trajectory
 
 EXPORT_FILE = "gisp_export.json"
@@ -97,19 +96,13 @@ def save_slim(
     })
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    old = None
     try:
         slim.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(tokenizer, source_path, tmp)
         _write_record(tmp / EXPORT_FILE, rec)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
+        replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out, slim
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from gisp.architectures import architecture_class
 from gisp.errors import GispError
+from gisp.provenance import replace_directory
 from gisp_vllm import ARCHITECTURE, MODEL_TYPE, GispDeciLMConfig, register
 
 register()  # import gisp: AutoConfig reads vLLM exports too
@@ -391,7 +391,6 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    old = None
     try:
         save_file({k: v.contiguous() for k, v in padded.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -406,14 +405,9 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
             version=__version__, source=(record.get("source") or {}).get("name") or src.name,
             step=record.get("step", "?"), sparsity=f"{record['sparsity']:.4f}" if "sparsity" in record else "?",
             model_type=MODEL_TYPE, arch=ARCHITECTURE, name=out.name))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
+        replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return record
 
 
