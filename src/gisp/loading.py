@@ -51,7 +51,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise GispError(f"--device {device} requested but no CUDA device is available; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise GispError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GispError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GispError(f"--device {device} requested but MPS is not available; use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -170,6 +180,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
+    dev = resolve_device(device)  # before any work: a bad --device fails at once
     path, gguf_file = resolve_model_path(name)
     if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
         loaded = load_pretrained(path, dtype=dtype, device=device)
@@ -181,7 +192,6 @@ def load_model(
             f"'{name}' is not a local path and the Hugging Face hub is unreachable (offline?): "
             f"use a local model directory, a .gguf file or '{DEFAULT_MODEL}'"
         )
-    dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
