@@ -71,6 +71,21 @@ def test_stale_temporaries_are_removed_fresh_ones_and_others_kept(tmp_path):
     assert remove_stale_temporaries(tmp_path) == [other]
 
 
+def test_temporaries_of_a_dead_writer_are_stale_whatever_their_age(tmp_path):
+    """The writer's pid is in the name: a killed process's temporary goes even when written after we started."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: gone
+    dead = proc.pid
+    names = {pid: tmp_path / f"trajectory.json.abcd_123.{pid}.tmp" for pid in (dead, os.getppid(), os.getpid())}
+    for f in names.values():
+        f.write_text("{")
+    assert remove_stale_temporaries(tmp_path) == [names[dead]]
+    assert names[os.getppid()].exists() and names[os.getpid()].exists()  # a live writer's, and our own
+
+
 def test_the_next_write_of_a_file_removes_its_stale_temporaries(tmp_path):
     """A kill during a write used to leave NAME.XXXXXXXX.tmp beside NAME forever."""
     stale = _temp(tmp_path, "results.json", age=60)

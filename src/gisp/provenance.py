@@ -13,9 +13,27 @@ from pathlib import Path
 from typing import Any
 
 _STARTED = time.time()
-"""When this process imported gisp: a temporary of ours older than that belongs to a process that died."""
-_TEMP_RE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\.png)?$")
-"""Names of our temporaries: ``NAME.XXXXXXXX.tmp`` (``.tmp.png`` for figures), as ``tempfile`` draws them."""
+"""When this process imported gisp: a pid-less temporary older than that belongs to a process that died."""
+_TEMP_RE = re.compile(r"^(?P<name>.+)\.[a-z0-9_]{8}(\.(?P<pid>\d+))?\.tmp(\.png)?$")
+"""Names of our temporaries: ``NAME.XXXXXXXX.PID.tmp`` (``.tmp.png`` for figures; without ``.PID`` before
+gisp recorded the writer), ``XXXXXXXX`` as ``tempfile`` draws it."""
+
+
+def _temp_suffix(ext: str = "") -> str:
+    """The suffix of our temporaries: the writer's pid tells a later run whether the writer is gone."""
+    return f".{os.getpid()}.tmp{ext}"
+
+
+def _writer_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours: another thread may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
 
 
 def versions() -> dict[str, str]:
@@ -56,8 +74,8 @@ def remove_stale_temporaries(directory: str | Path, names: tuple[str, ...] | Non
     """Delete the temporaries our atomic writes left in ``directory`` when a process was killed mid-write.
 
     Only files named as :func:`atomic_write_text` and :func:`save_figure` name them (for ``names``, when
-    given), and only those last modified before this process started: a concurrent writer's are kept.
-    Returns what was removed.
+    given), and only those whose writing process is gone (older gisp's temporaries, without a pid: those last
+    modified before this process started): a concurrent writer's are kept. Returns what was removed.
     """
     removed = []
     try:
@@ -69,7 +87,8 @@ def remove_stale_temporaries(directory: str | Path, names: tuple[str, ...] | Non
         if m is None or (names is not None and m["name"] not in names) or not p.is_file() or p.is_symlink():
             continue
         try:
-            if p.stat().st_mtime < _STARTED:
+            stale = _writer_gone(int(m["pid"])) if m["pid"] else p.stat().st_mtime < _STARTED
+            if stale:
                 p.unlink()
                 removed.append(p)
         except OSError:
@@ -83,7 +102,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, (path.name,))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=_temp_suffix())
     try:
         os.fchmod(fd, default_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -125,7 +144,7 @@ def save_figure(fig: Any, path: str | Path, *, tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, (path.name,))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=_temp_suffix(".png"))
     os.close(fd)
     try:
         make_final(tmp)
