@@ -69,3 +69,16 @@ def test_invalid_json_lines_say_so(tmp_path):
     f.write_text('{"text": "fine"}\n[1, 2]\n')
     with pytest.raises(GispError, match=r"d.jsonl:2: expected a JSON object"):
         read_documents(str(f), "calib")
+
+
+def test_a_changed_file_is_read_again(tmp_path):
+    """The token cache used to return a file's old tokens after it changed in the same process."""
+    import os
+
+    f, tok = tmp_path / "d.txt", CharTokenizer()
+    f.write_text("\n\n".join(f"first version {i}" for i in range(10)))
+    old, _ = token_stream(str(f), "calib", tok)
+    f.write_text("\n\n".join(f"second version {i}" for i in range(10)))
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # coarse clocks: surely newer
+    new, _ = token_stream(str(f), "calib", tok)
+    assert not torch.equal(old, new)

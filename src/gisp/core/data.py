@@ -129,8 +129,18 @@ def read_documents(source: str, part: str) -> list[str]:
     return docs[:cut] if part == "calib" else docs[cut:]
 
 
+def _file_state(source: str) -> tuple[int, int] | None:
+    """A local file's (mtime, size): part of the token cache's key, so a changed file is read again."""
+    try:
+        st = Path(source).stat()
+    except (OSError, ValueError):
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 @lru_cache(maxsize=8)
-def _token_stream_cached(source: str, part: str, tokenizer) -> tuple[torch.Tensor, int]:
+def _token_stream_cached(source: str, part: str, tokenizer, state: tuple[int, int] | None = None
+                         ) -> tuple[torch.Tensor, int]:
     docs = read_documents(source, part)
     sep = tokenizer.eos_token_id
     ids: list[int] = []
@@ -143,7 +153,8 @@ def _token_stream_cached(source: str, part: str, tokenizer) -> tuple[torch.Tenso
 
 def token_stream(source: str, part: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
     """All documents of the part, tokenised and joined by EOS."""
-    ids, ndocs = _token_stream_cached(source, part, tokenizer)
+    state = None if source.startswith("hf:") or source in PACKAGED else _file_state(source)
+    ids, ndocs = _token_stream_cached(source, part, tokenizer, state)
     p = "all" if source.startswith("hf:") else part
     return ids, TextSource(source, p, ndocs, int(ids.numel()))
 
