@@ -60,8 +60,8 @@ def _temp(directory: Path, name: str, age: float) -> Path:
 
 
 def test_stale_temporaries_are_removed_fresh_ones_and_others_kept(tmp_path):
-    stale = _temp(tmp_path, "trajectory.json", age=3600)
-    other = _temp(tmp_path, "eval.json", age=3600)
+    stale = _temp(tmp_path, "trajectory.json", age=10**8)
+    other = _temp(tmp_path, "eval.json", age=10**8)
     fresh = _temp(tmp_path, "trajectory.json", age=-5)  # a concurrent writer's, after this process started
     mine = tmp_path / "notes.tmp"
     mine.write_text("not ours")
@@ -88,6 +88,6 @@ def test_temporaries_of_a_dead_writer_are_stale_whatever_their_age(tmp_path):
 
 def test_the_next_write_of_a_file_removes_its_stale_temporaries(tmp_path):
     """A kill during a write used to leave NAME.XXXXXXXX.tmp beside NAME forever."""
-    stale = _temp(tmp_path, "results.json", age=60)
+    stale = _temp(tmp_path, "results.json", age=10**8)
     atomic_write_json(tmp_path / "results.json", [1])
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
