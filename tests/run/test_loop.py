@@ -217,3 +217,15 @@ def test_calibration_longer_than_the_context_is_refused_before_any_work(monkeypa
     with pytest.raises(gisp.GispError, match="calibration samples of 129 exceeds the model's context length of "
                        "128 tokens: use --seq-len 128 or less"):
         gisp.prune(tiny_model(), gisp.PruneConfig(**CFG), random_calib(n=2, seq_len=129), progress=False)
+
+
+def test_resume_refuses_a_run_file_changed_after_it_was_written(tmp_path):
+    """Resuming would stamp a fresh checksum on the change."""
+    config = gisp.PruneConfig(**CFG)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=2)
+    path = tmp_path / "trajectory.json"
+    d = json.loads(path.read_text())
+    d["calibration"]["name"] = "something else"
+    path.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="was changed"), pytest.raises(gisp.GispError, match="checksum mismatch"):
+        gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, resume=True)

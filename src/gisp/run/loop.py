@@ -263,6 +263,9 @@ def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout
         raise GispError(f"{run_dir} holds a run with different settings ({', '.join(diff)}): use another --out")
     if traj.model.get("fingerprint") != model_info["fingerprint"] or traj.layout.layers != layout.layers:
         raise GispError(f"{run_dir} holds a run of a different model ('{traj.model.get('name')}'): use another --out")
+    if traj.edited:  # continuing would stamp a fresh checksum on whatever was changed
+        raise GispError(f"{run_dir / FILENAME} was changed after gisp wrote it (checksum mismatch): restore it "
+                        "or use another --out")
     _check_calibration(run_dir, traj.calibration, calibration)
     return traj
 
