@@ -69,6 +69,9 @@ def test_invalid_json_lines_say_so(tmp_path):
     f.write_text('{"text": "fine"}\n[1, 2]\n')
     with pytest.raises(GispError, match=r"d.jsonl:2: expected a JSON object"):
         read_documents(str(f), "calib")
+    f.write_text('{"text": "fine"}\n{"text": null}\n')  # used to become the document "None"
+    with pytest.raises(GispError, match=r"d.jsonl:2: the 'text' field must be a string, got NoneType \(null\)"):
+        read_documents(str(f), "calib")
 
 
 def test_a_changed_file_is_read_again(tmp_path):

@@ -82,7 +82,10 @@ def _read_file(path: Path, field: str = "text") -> list[str]:
                                 f"each line must be a JSON object with a '{field}' field") from e
             if not isinstance(record, dict) or field not in record:
                 raise GispError(f"{path}:{n}: expected a JSON object with a '{field}' field")
-            docs.append(str(record[field]))
+            if not isinstance(record[field], str):  # null would become the text "None"
+                raise GispError(f"{path}:{n}: the '{field}' field must be a string, got {type(record[field]).__name__}"
+                                f" ({json.dumps(record[field])[:40]})")
+            docs.append(record[field])
         return docs
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
