@@ -30,9 +30,12 @@ def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, de
     from gisp.loading import load_model
     from gisp.run import distributed
     from gisp.run.loop import prune
+    from gisp.run.trajectory import FILENAME
 
     if distributed.init_from_env() and device_map is not None:
         raise GispError("--device-map and several processes cannot be combined yet: use one or the other")
+    if not resume and not distributed.active() and (out / FILENAME).exists():  # before loading anything
+        raise GispError(f"{out} already holds a pruning run: pass --resume to continue it or use another --out")
     console = Console(stderr=True, quiet=not distributed.is_main())
     console.print(f"[bold]gisp prune[/] {model_name}: target {config.target} ({config.schedule_unit}), "
                   f"{config.steps} steps, objective {config.objective} on {config.calib}"
