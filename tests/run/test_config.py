@@ -58,7 +58,19 @@ def test_runs_saved_before_the_new_settings_resume(tmp_path):
     d = json.loads(path.read_text())
     for key in ("grad_checkpointing", "grad_accum_dtype"):
         del d["config"][key]
+    del d["checksum"]  # as such runs were saved
     path.write_text(json.dumps(d))
     resumed = gisp.prune(tiny_model(), gisp.PruneConfig(**CFG, grad_checkpointing=True), random_calib(),
                          run_dir=tmp_path, resume=True, progress=False)
     assert resumed.completed
+
+
+def test_seq_len_beyond_the_models_context_is_one_line():
+    from types import SimpleNamespace
+
+    from gisp.run.config import check_seq_len
+
+    check_seq_len(2048, SimpleNamespace(max_position_embeddings=2048))
+    check_seq_len(10**5, SimpleNamespace())  # no known context: nothing to check
+    with pytest.raises(gisp.GispError, match="--seq-len 100000 exceeds the model's context length of 8192 tokens"):
+        check_seq_len(10**5, SimpleNamespace(max_position_embeddings=8192))

@@ -169,3 +169,63 @@ def test_shrink_schedule():
     assert due == [4, 7] and not any(loop._shrink_due(k, 0, False) for k in range(1, 10))
     assert loop._shrink_due(6, 3, have_copy=False)  # a resumed run past its first slicing slices at once
     assert not loop._shrink_due(3, 3, have_copy=False)
+
+
+def test_resume_refuses_other_calibration_data(tmp_path):
+    """Resume used to check the settings only: a changed calibration file went on under the old provenance."""
+    config = gisp.PruneConfig(**CFG)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=2)
+    saved = json.loads((tmp_path / "trajectory.json").read_text())
+    assert saved["calibration"]["tokens_sha256"] == random_calib().fingerprint()
+    with pytest.raises(gisp.GispError, match="calibrated on other data .* restore that data or use another --out"):
+        gisp.prune(tiny_model(), config, random_calib(seed=1), run_dir=tmp_path, progress=False, resume=True)
+    assert json.loads((tmp_path / "trajectory.json").read_text()) == saved  # nothing written
+    done = gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, resume=True)
+    assert done.completed and done.calibration["tokens_sha256"] == random_calib().fingerprint()
+
+
+def test_runs_saved_without_a_calibration_hash_resume_with_a_warning(tmp_path):
+    config = gisp.PruneConfig(**CFG)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=2)
+    path = tmp_path / "trajectory.json"
+    d = json.loads(path.read_text())
+    del d["calibration"]["tokens_sha256"], d["checksum"]  # as gisp wrote it before either existed
+    path.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="did not record its calibration tokens"):
+        done = gisp.prune(tiny_model(), config, random_calib(seed=1), run_dir=tmp_path, progress=False, resume=True)
+    assert done.completed and "tokens_sha256" not in done.calibration  # unknown data is not claimed as checked
+
+
+def test_a_new_run_removes_temporaries_a_killed_write_left(tmp_path):
+    """A kill during a trajectory write used to leave trajectory.json.XXXXXXXX.tmp in the run folder forever."""
+    import os
+
+    config = gisp.PruneConfig(**CFG)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=1)
+    left = [tmp_path / "trajectory.json.k1ll3d_x.tmp", tmp_path / "eval.json.abcdefgh.tmp"]
+    for f in left:
+        f.write_text('{"half": ')
+        os.utime(f, (0, 0))
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=1, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trajectory.json"]
+
+
+def test_calibration_longer_than_the_context_is_refused_before_any_work(monkeypatch):
+    """A --seq-len far past max_position_embeddings used to grind for minutes."""
+    loop = importlib.import_module("gisp.run.loop")
+    monkeypatch.setattr(loop, "accumulate_gradients", lambda *a, **k: pytest.fail("gradients ran"))
+    with pytest.raises(gisp.GispError, match="calibration samples of 129 exceeds the model's context length of "
+                       "128 tokens: use --seq-len 128 or less"):
+        gisp.prune(tiny_model(), gisp.PruneConfig(**CFG), random_calib(n=2, seq_len=129), progress=False)
+
+
+def test_resume_refuses_a_run_file_changed_after_it_was_written(tmp_path):
+    """Resuming would stamp a fresh checksum on the change."""
+    config = gisp.PruneConfig(**CFG)
+    gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, stop_after=2)
+    path = tmp_path / "trajectory.json"
+    d = json.loads(path.read_text())
+    d["calibration"]["name"] = "something else"
+    path.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="was changed"), pytest.raises(gisp.GispError, match="checksum mismatch"):
+        gisp.prune(tiny_model(), config, random_calib(), run_dir=tmp_path, progress=False, resume=True)

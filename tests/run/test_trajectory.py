@@ -11,7 +11,7 @@ from tests.conftest import random_calib, tiny_model
 import gisp
 from gisp.core.ranking import Pick
 from gisp.core.structures import LayerShape, Layout, Mask
-from gisp.run.trajectory import StepRecord, Trajectory
+from gisp.run.trajectory import StepRecord, Trajectory, checksum
 
 CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25, protect_last=1)
 # the keys of a step record as trajectory.json has always written them, in that order
@@ -142,11 +142,12 @@ def _old_file() -> dict:
         "versions": {"gisp": "0.1.0"}, "sparsity_definition": small()[1].to_dict()["sparsity_definition"],
         "layout": {"layers": [shape, shape], "protected": []},
         "steps": [
-            {"step": 0, "target": 0.0, "sparsity": 0.0, "kept_params": 240, "calib_loss": 3.0, "heads_removed": 0,
+            {"step": 0, "target": 0.0, "sparsity": 0.0, "kept_params": 656, "calib_loss": 3.0, "heads_removed": 0,
              "channels_removed": 0, "seconds": 0.0},
-            {"step": 1, "target": 0.25, "sparsity": 0.2, "kept_params": 192, "calib_loss": 3.5, "heads_removed": 1,
-             "channels_removed": 1, "seconds": 2.0, "lr": 0.1},
-            {"step": 2, "target": 0.5, "sparsity": 0.4, "kept_params": 144, "calib_loss": 4.0, "heads_removed": 2,
+            {"step": 1, "target": 0.25, "sparsity": 1 - 504 / 656, "kept_params": 504, "calib_loss": 3.5,
+             "heads_removed": 1, "channels_removed": 1, "seconds": 2.0, "lr": 0.1},
+            {"step": 2, "target": 0.5, "sparsity": 1 - 352 / 656, "kept_params": 352, "calib_loss": 4.0,
+             "heads_removed": 2,
              "channels_removed": 2, "seconds": 2.0, "gradient_seconds": 1.5,
              "timing": {"processes": 1, "scoring": 0.1, "save": 0.01}},
         ],
@@ -161,11 +162,12 @@ def test_old_files_load_and_save_back_unchanged(tmp_path):
     traj = Trajectory.load(tmp_path)
     assert traj.completed and traj.last_step == 2 and traj.next_order() == 4
     assert traj.step_at(0.3)["step"] == 1 and traj.steps[1]["lr"] == 0.1  # readers see the stored dicts
-    assert traj.record(1) == StepRecord(1, 0.25, 0.2, 192, 3.5, 1, 1, 2.0)
+    assert traj.record(1) == StepRecord(1, 0.25, 1 - 504 / 656, 504, 3.5, 1, 1, 2.0)
     assert traj.record(2).timing == {"processes": 1, "scoring": 0.1, "save": 0.01}
     mask = traj.mask_at_step(1)
     assert mask.heads[0].tolist() == [False, True] and mask.channels[0].tolist() == [True, False, True]
-    assert traj.to_dict() == d
+    saved = traj.to_dict()
+    assert saved.pop("checksum") == checksum(d) and saved == d  # saved back as it was, with a checksum now
     with pytest.raises(gisp.GispError, match="trajectory format 2"):
         (tmp_path / "trajectory.json").write_text(json.dumps({**d, "format": 2}))
         Trajectory.load(tmp_path)
@@ -194,3 +196,112 @@ def test_refuses_a_different_model():
         traj.apply(tiny_model(seed=1), 0.3)
     with pytest.raises(gisp.GispError, match="layer shapes"):
         traj.apply(tiny_model(layers=3), 0.3)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """One run's trajectory.json (5 steps, layer 0 and 3 protected) as a dict."""
+    _, traj = run()
+    return json.loads(json.dumps(traj.to_dict()))
+
+
+def _set(path: list, value):
+    def edit(d):
+        target = d
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+def _removed(d, key="head_step"):
+    """(layer, index) of a structure removed at step 1."""
+    return next((i, j) for i, row in enumerate(d[key]) for j, x in enumerate(row) if x == 1)
+
+
+EDITS = {
+    "step past the last": (lambda d: _set(["head_step", *_removed(d)], 6)(d),
+                           r"head_step\[\d\]\[\d\]' must be a step in 0\.\.5"),
+    "negative step": (lambda d: _set(["channel_step", *_removed(d, "channel_step")], -1)(d), r"channel_step\[\d\]"),
+    "protected layer": (lambda d: _set(["channel_step", 0, 0], 3)(d), r"channel_step\[0\]' removes structures of "
+                        "protected layer 0"),
+    "a string": (lambda d: _set(["head_step", 1, 0], "1")(d), r"head_step\[1\]\[0\]' must be a step"),
+    "a float": (lambda d: _set(["head_step", 1, 0], 1.0)(d), r"head_step\[1\]\[0\]"),
+    "row too short": (lambda d: d["channel_step"][1].pop(), r"channel_step\[1\]' must be a list of 96"),
+    "row too long": (lambda d: d["head_order"][2].append(-1), r"head_order\[2\]' must be a list of 4"),
+    "missing rows": (lambda d: d["head_step"].pop(), r"head_step' must hold one row per layer \(4\)"),
+    "missing key": (lambda d: d.pop("channel_order"), "channel_order' is missing"),
+    "missing record key": (lambda d: d["steps"][2].pop("kept_params"), r"steps\[2\]\.kept_params' is missing"),
+    "kept params": (lambda d: d["steps"][3].update(kept_params=d["steps"][3]["kept_params"] + 1),
+                    r"steps\[3\]\.kept_params' is \d+, but the step's mask keeps"),
+    "sparsity": (lambda d: d["steps"][4].update(sparsity=0.4), r"steps\[4\]\.sparsity' is 0\.4, but the step's mask"),
+    "sparsity as text": (lambda d: d["steps"][4].update(sparsity="0.4"), r"steps\[4\]\.sparsity' must be a number"),
+    "heads removed": (lambda d: d["steps"][5].update(heads_removed=0), r"steps\[5\]\.heads_removed' is 0"),
+    "record out of order": (lambda d: d["steps"][1].update(step=2), r"steps\[1\]\.step' must be 1"),
+    "extra step": (lambda d: d["steps"].append(dict(d["steps"][-1], step=6)), "'steps' holds 6 steps, more than"),
+    "not completed": (lambda d: d.update(completed="yes"), "'completed' must be true or false"),
+    "duplicate order": (lambda d: _set(["channel_order", *_removed(d, "channel_step")],
+                                       d["head_order"][_removed(d)[0]][_removed(d)[1]])(d),
+                        "pruning order must number"),
+    "order of a kept structure": (lambda d: _set(["head_order", 0, 0], 3)(d), r"head_order\[0\]\[0\]' must be -1"),
+    "protected edited": (lambda d: d["layout"].update(protected=[3]), r"layout\.protected' is \[3\], but the run's"),
+    "layout shape": (lambda d: d["layout"]["layers"][1].update(intermediate="96"), r"layers\[1\]\.intermediate'"),
+    "model not an object": (lambda d: d.update(model=[]), "'model' must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+def test_load_refuses_edited_or_damaged_files_naming_the_field(saved_run, tmp_path, edit):
+    """Edited files used to load as they were, their stored (wrong) records printed as if right."""
+    change, match = EDITS[edit]
+    d = json.loads(json.dumps(saved_run))
+    change(d)
+    path = tmp_path / "trajectory.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(gisp.GispError, match=match) as err:
+        Trajectory.load(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: field '") and "\n" not in msg and msg.endswith("re-run gisp prune")
+
+
+def test_a_saved_run_is_valid_and_unedited(saved_run, tmp_path, recwarn):
+    (tmp_path / "trajectory.json").write_text(json.dumps(saved_run))
+    loaded = Trajectory.load(tmp_path)
+    assert not loaded.edited and not recwarn.list and loaded.source == str(tmp_path / "trajectory.json")
+    d = dict(saved_run, model={**saved_run["model"], "name": "moved", "path": "/elsewhere"})
+    (tmp_path / "trajectory.json").write_text(json.dumps(d))
+    assert not Trajectory.load(tmp_path).edited  # pointing at a moved base model is no edit
+
+
+def test_a_consistent_edit_loads_with_a_warning(saved_run, tmp_path):
+    """An edit that keeps the file valid (here: a claim about the calibration data) is no longer silent."""
+    d = json.loads(json.dumps(saved_run))
+    d["calibration"]["name"] = "claimed"
+    (tmp_path / "trajectory.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="was changed after gisp wrote it"):
+        assert Trajectory.load(tmp_path).edited
+
+
+def test_the_fingerprint_error_blames_the_file_or_the_model(saved_run, tmp_path):
+    """The fingerprint error used to blame the model when the run file was what differed."""
+    (tmp_path / "trajectory.json").write_text(json.dumps(saved_run))
+    with pytest.raises(gisp.GispError, match="is not the run's base model .* made from another model"):
+        Trajectory.load(tmp_path).apply(tiny_model(seed=1), 0.3)  # the model differs
+    d = json.loads(json.dumps(saved_run))
+    d["model"]["fingerprint"] = "0123456789abcdef"
+    (tmp_path / "trajectory.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="was changed"):
+        traj = Trajectory.load(tmp_path)
+    with pytest.raises(gisp.GispError, match=r"trajectory.json was changed after gisp wrote it .* fingerprint "
+                       r"0123456789abcdef is not this model's"):
+        traj.apply(tiny_model(), 0.3)  # the right model, an edited file
+    d["model"]["fingerprint"] = 12
+    (tmp_path / "trajectory.json").write_text(json.dumps(d))
+    with pytest.raises(gisp.GispError, match="'model.fingerprint' must be a string"):
+        Trajectory.load(tmp_path)
+
+
+def test_apply_refuses_a_step_outside_the_run():
+    model, traj = run()
+    with pytest.raises(gisp.GispError, match="outside this run's steps"):
+        traj.apply(tiny_model(), step=9)

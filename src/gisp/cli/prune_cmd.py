@@ -13,7 +13,7 @@ from gisp.cli.app import app
 from gisp.cli.common import with_config
 from gisp.errors import GispError
 from gisp.loading import DEFAULT_MODEL
-from gisp.run.config import PruneConfig
+from gisp.run.config import PruneConfig, check_seq_len
 
 if TYPE_CHECKING:
     from gisp.run.trajectory import Trajectory
@@ -30,14 +30,18 @@ def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, de
     from gisp.loading import load_model
     from gisp.run import distributed
     from gisp.run.loop import prune
+    from gisp.run.trajectory import FILENAME
 
     if distributed.init_from_env() and device_map is not None:
         raise GispError("--device-map and several processes cannot be combined yet: use one or the other")
+    if not resume and not distributed.active() and (out / FILENAME).exists():  # before loading anything
+        raise GispError(f"{out} already holds a pruning run: pass --resume to continue it or use another --out")
     console = Console(stderr=True, quiet=not distributed.is_main())
     console.print(f"[bold]gisp prune[/] {model_name}: target {config.target} ({config.schedule_unit}), "
                   f"{config.steps} steps, objective {config.objective} on {config.calib}"
                   + (f", {distributed.world_size()} processes" if distributed.active() else ""))
     loaded = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    check_seq_len(config.seq_len, loaded.model.config)  # before the calibration set is built
     calib = build_calibration(config.objective, config.calib, loaded.tokenizer, config.calib_samples,
                               config.seq_len, config.seed)
     info = {"name": model_name, "path": loaded.path, "fingerprint": fingerprint(loaded.model)}

@@ -48,20 +48,46 @@ def _read_packaged(name: str) -> list[str]:
     return [d.strip() for d in docs if d.strip()]
 
 
-def _read_file(path: Path, field: str = "text") -> list[str]:
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a binary file (not UTF-8, or with NUL bytes) is refused in one line."""
+    if path.is_dir():
+        raise GispError(f"{path} is a directory: give a .txt or .jsonl text file")
     if not path.is_file():
         raise GispError(f"text file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GispError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GispError(f"{path} is not UTF-8 text (byte {e.start} is not): give a .txt or .jsonl text file") from e
+    if "\x00" in text:
+        raise GispError(f"{path} holds NUL bytes (byte {text.index(chr(0))}), so it is binary, not text: "
+                        "give a .txt or .jsonl text file")
+    return text
+
+
+def _read_file(path: Path, field: str = "text") -> list[str]:
+    text = _read_text(path)
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                docs.append(str(json.loads(line)[field]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise GispError(f"{path}:{n}: expected a JSON object with a '{field}' field") from e
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GispError(f"{path}:{n}: line {n} is not valid JSON ({e.msg} at column {e.colno}); "
+                                f"each line must be a JSON object with a '{field}' field") from e
+            if not isinstance(record, dict) or field not in record:
+                raise GispError(f"{path}:{n}: expected a JSON object with a '{field}' field")
+            if not isinstance(record[field], str):  # null would become the text "None"
+                raise GispError(f"{path}:{n}: the '{field}' field must be a string, got {type(record[field]).__name__}"
+                                f" ({json.dumps(record[field])[:40]})")
+            docs.append(record[field])
         return docs
-    return [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def _read_hub(spec: str) -> list[str]:
@@ -106,8 +132,18 @@ def read_documents(source: str, part: str) -> list[str]:
     return docs[:cut] if part == "calib" else docs[cut:]
 
 
+def _file_state(source: str) -> tuple[int, int] | None:
+    """A local file's (mtime, size): part of the token cache's key, so a changed file is read again."""
+    try:
+        st = Path(source).stat()
+    except (OSError, ValueError):
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 @lru_cache(maxsize=8)
-def _token_stream_cached(source: str, part: str, tokenizer) -> tuple[torch.Tensor, int]:
+def _token_stream_cached(source: str, part: str, tokenizer, state: tuple[int, int] | None = None
+                         ) -> tuple[torch.Tensor, int]:
     docs = read_documents(source, part)
     sep = tokenizer.eos_token_id
     ids: list[int] = []
@@ -120,7 +156,8 @@ def _token_stream_cached(source: str, part: str, tokenizer) -> tuple[torch.Tenso
 
 def token_stream(source: str, part: str, tokenizer) -> tuple[torch.Tensor, TextSource]:
     """All documents of the part, tokenised and joined by EOS."""
-    ids, ndocs = _token_stream_cached(source, part, tokenizer)
+    state = None if source.startswith("hf:") or source in PACKAGED else _file_state(source)
+    ids, ndocs = _token_stream_cached(source, part, tokenizer, state)
     p = "all" if source.startswith("hf:") else part
     return ids, TextSource(source, p, ndocs, int(ids.numel()))
 

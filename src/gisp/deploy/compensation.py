@@ -73,11 +73,14 @@ class Compensation:
 
         from safetensors.torch import save_file
 
+        from gisp.provenance import make_final
+
         path = Path(run_dir) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=FILENAME, suffix=".tmp")
         os.close(fd)
         try:
+            make_final(tmp)  # the umask's mode, not tempfile's 0600
             save_file(self.to_tensors(), tmp, metadata={"what": "FLAP bias compensation: add to o/down projections"})
             os.replace(tmp, path)
         finally:

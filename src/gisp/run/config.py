@@ -105,6 +105,15 @@ LEGACY = {"grad_checkpointing": False, "grad_accum_dtype": "native", "shrink_eve
 """What a run saved before a setting existed did: old runs compare as if they had saved it."""
 
 
+def check_seq_len(seq_len: int, model_config: Any, what: str = "--seq-len") -> None:
+    """Refuse calibration windows longer than the model's context (``max_position_embeddings``) before any work:
+    positions past it are untrained, and a huge ``--seq-len`` would only grind."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise GispError(f"{what} {seq_len} exceeds the model's context length of {limit} tokens: "
+                        f"use --seq-len {limit} or less")
+
+
 def resume_conflicts(saved: dict[str, Any], config: PruneConfig, weight_dtype: str | None) -> list[str]:
     """The settings (sorted names) in which a saved run's config and ``config`` give different trajectories."""
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,12 +49,12 @@ from gisp.core.ranking import Pick, apply_picks, select
 from gisp.core.schedule import targets
 from gisp.core.structures import Layout, Mask
 from gisp.errors import GispError
-from gisp.provenance import versions
+from gisp.provenance import remove_stale_temporaries, versions
 from gisp.run import distributed
-from gisp.run.config import PruneConfig, resume_conflicts
+from gisp.run.config import PruneConfig, check_seq_len, resume_conflicts
 from gisp.run.gradients import accumulate_gradients, activation_checkpointing, evaluate_objective, restore_grad_dtype
 from gisp.run.shrink import ShrunkModel
-from gisp.run.trajectory import FILENAME, StepRecord, Trajectory
+from gisp.run.trajectory import CALIB_HASH, FILENAME, StepRecord, Trajectory
 
 T = TypeVar("T")
 
@@ -140,6 +141,8 @@ class _Run:
     """Target sparsity of each step (step ``k`` at index ``k - 1``)."""
     info: dict[str, Any]
     """The base-model record the trajectory carries (name, fingerprint, sizes, dtype)."""
+    calibration: dict[str, Any]
+    """The calibration record the trajectory carries: the set's provenance and ``tokens_sha256``."""
     path: Path | None
     model_params: int
     world: int
@@ -200,6 +203,8 @@ def _prepare(model: nn.Module, config: PruneConfig, calib: CalibrationSet, model
              run_dir: str | Path | None) -> _Run:
     if len(calib) == 0:
         raise GispError("the calibration set is empty: give more calibration text or samples")
+    longest = max((x.shape[-1] for x in calib.samples if isinstance(x, torch.Tensor)), default=0)
+    check_seq_len(longest, model.config, "calibration samples of")
     arch = get_architecture(model)
     layout = layout_of(model, config.protect_first, config.protect_last)
     objective = get_objective(config.objective)
@@ -208,7 +213,9 @@ def _prepare(model: nn.Module, config: PruneConfig, calib: CalibrationSet, model
     return _Run(
         model=model, config=config, calib=calib, layout=layout, arch=arch, objective=objective,
         params=params, schedule=targets(config.schedule, config.target, config.steps),
-        info=_model_info(model, layout, model_info), path=Path(run_dir) if run_dir is not None else None,
+        info=_model_info(model, layout, model_info),
+        calibration={**calib.provenance, CALIB_HASH: calib.fingerprint()},
+        path=Path(run_dir) if run_dir is not None else None,
         model_params=sum(p.numel() for p in model.parameters()), world=distributed.world_size(),
     )
 
@@ -227,9 +234,11 @@ def _model_info(model: nn.Module, layout: Layout, given: dict[str, Any] | None) 
 
 def _start_or_resume(run: _Run, resume: bool) -> Trajectory:
     """A new trajectory (dense step 0), or the run directory's, whose last mask is then applied to the model."""
-    traj = _existing_run_all_ranks(run.path, resume, run.config, run.info, run.layout)
+    if run.path is not None and distributed.is_main():
+        remove_stale_temporaries(run.path)  # what a kill during a write of an earlier run left behind
+    traj = _existing_run_all_ranks(run.path, resume, run.config, run.info, run.layout, run.calibration)
     if traj is None:
-        return Trajectory.start(run.layout, run.config.to_dict(), run.info, run.calib.provenance, versions())
+        return Trajectory.start(run.layout, run.config.to_dict(), run.info, run.calibration, versions())
     run.arch.apply_mask(run.model, traj.mask_at_step(traj.last_step))
     return traj
 
@@ -244,7 +253,8 @@ def _check_placement(params: list[nn.Parameter]) -> None:
         )
 
 
-def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout: Layout) -> Trajectory | None:
+def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout: Layout,
+                    calibration: dict[str, Any]) -> Trajectory | None:
     if not (run_dir / FILENAME).exists():
         return None
     traj = Trajectory.load(run_dir)
@@ -253,34 +263,52 @@ def _prepare_resume(run_dir: Path, config: PruneConfig, model_info: dict, layout
         raise GispError(f"{run_dir} holds a run with different settings ({', '.join(diff)}): use another --out")
     if traj.model.get("fingerprint") != model_info["fingerprint"] or traj.layout.layers != layout.layers:
         raise GispError(f"{run_dir} holds a run of a different model ('{traj.model.get('name')}'): use another --out")
+    if traj.edited:  # continuing would stamp a fresh checksum on whatever was changed
+        raise GispError(f"{run_dir / FILENAME} was changed after gisp wrote it (checksum mismatch): restore it "
+                        "or use another --out")
+    _check_calibration(run_dir, traj.calibration, calibration)
     return traj
 
 
-def _existing_run(run_path: Path | None, resume: bool, config: PruneConfig, info: dict, layout: Layout
-                  ) -> Trajectory | None:
+def _check_calibration(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to continue a run on other calibration tokens; a run saved before they were hashed resumes with
+    a warning (its data cannot be checked, and its record is left as it was)."""
+    if CALIB_HASH not in saved:
+        warnings.warn(f"{run_dir} was saved by a gisp that did not record its calibration tokens: resuming without "
+                      "checking that the calibration data is unchanged", stacklevel=4)
+        return
+    if saved[CALIB_HASH] != now[CALIB_HASH]:
+        raise GispError(
+            f"{run_dir} holds a run calibrated on other data (calibration tokens {saved[CALIB_HASH][:12]}..., now "
+            f"{now[CALIB_HASH][:12]}...: was the --calib source changed?): restore that data or use another --out"
+        )
+
+
+def _existing_run(run_path: Path | None, resume: bool, config: PruneConfig, info: dict, layout: Layout,
+                  calibration: dict[str, Any]) -> Trajectory | None:
     if run_path is None or not (run_path / FILENAME).exists():
         return None
     if not resume:
         raise GispError(f"{run_path} already holds a pruning run: pass --resume to continue it or use another --out")
-    return _prepare_resume(run_path, config, info, layout)
+    return _prepare_resume(run_path, config, info, layout, calibration)
 
 
 def _existing_run_all_ranks(run_path: Path | None, resume: bool, config: PruneConfig, info: dict,
-                            layout: Layout) -> Trajectory | None:
+                            layout: Layout, calibration: dict[str, Any]) -> Trajectory | None:
     """Rank 0 reads the run directory; every rank gets its trajectory, or raises its error.
 
     Only rank 0 touches files, and every rank must fail alike: a rank that
     raised alone would leave the others waiting in the first all-reduce.
     """
     if not distributed.active():
-        return _existing_run(run_path, resume, config, info, layout)
+        return _existing_run(run_path, resume, config, info, layout, calibration)
     prints = distributed.all_gather_object(info["fingerprint"])
     if len(set(prints)) > 1:
         raise GispError(f"the ranks loaded different models (fingerprints {', '.join(prints)}): load the same one")
     state: tuple[str, Any] | None = None
     if distributed.is_main():
         try:
-            state = ("ok", _existing_run(run_path, resume, config, info, layout))
+            state = ("ok", _existing_run(run_path, resume, config, info, layout, calibration))
         except GispError as e:
             state = ("error", str(e))
     state = distributed.broadcast_object(state)

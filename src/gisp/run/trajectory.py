@@ -2,9 +2,19 @@
 
 For every structure it stores the step that removed it (0 = never) and its
 position in the global pruning order, plus each step's :class:`StepRecord`
-(measured sparsity, calibration loss and time), the configuration, versions and
-the base model's fingerprint. Masks are nested by construction: the mask of
-step ``k`` keeps exactly the structures removed after ``k``.
+(measured sparsity, calibration loss and time), the configuration, versions,
+the base model's fingerprint and the calibration tokens' hash. Masks are nested
+by construction: the mask of step ``k`` keeps exactly the structures removed
+after ``k``.
+
+:meth:`Trajectory.load` validates the whole file (types, shapes, steps within
+the run, nothing removed from a protected layer, one gap-free pruning order, and
+step records that say what the masks imply), so an edited or damaged file fails
+with one line naming the field instead of masking a model wrongly behind
+plausible numbers. The file carries a ``checksum`` of its content (the base
+model's name and path excluded, so a moved model can be pointed at): a file
+changed after gisp wrote it loads with a warning, and the fingerprint check
+then blames the file, not the model.
 
 Only :meth:`Trajectory.start`, :meth:`Trajectory.record_step`,
 :meth:`Trajectory.set_loss` and :meth:`Trajectory.set_timing` write a
@@ -14,7 +24,10 @@ trajectory; ``steps`` holds each record as the plain dict saved in the file
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +39,16 @@ from torch import nn
 from gisp.architectures import apply_mask, layout_of
 from gisp.core.fingerprint import fingerprint
 from gisp.core.ranking import Pick
-from gisp.core.structures import Layout, Mask
+from gisp.core.structures import LayerShape, Layout, Mask, protected_layers
 from gisp.errors import GispError
 from gisp.provenance import atomic_write_json
 
 FILENAME = "trajectory.json"
 FORMAT = 1
+CALIB_HASH = "tokens_sha256"
+"""The key of the calibration record that holds :meth:`gisp.CalibrationSet.fingerprint` (absent in old runs)."""
+RELOCATABLE = ("name", "path")
+"""Entries of ``model`` a user may edit (to point at a moved base model): outside the checksum."""
 
 
 @dataclass
@@ -110,6 +127,10 @@ class Trajectory:
     steps: list[dict[str, Any]] = field(default_factory=list)
     """One :meth:`StepRecord.to_dict` per step, step ``k`` at index ``k`` (read-only outside this class)."""
     completed: bool = False
+    edited: bool = False
+    """Loaded from a file whose content no longer matches the checksum gisp wrote into it."""
+    source: str | None = None
+    """The file this trajectory was loaded from, for messages."""
 
     @classmethod
     def start(cls, layout: Layout, config: dict, model: dict, calibration: dict, versions: dict) -> Trajectory:
@@ -198,30 +219,40 @@ class Trajectory:
         return self.mask_at_step(self.step_at(sparsity)["step"])
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a model that is not this run's base model."""
+        """Refuse a model that is not this run's base model, blaming the run file when it was changed after
+        gisp wrote it (its checksum no longer matches) and the model otherwise."""
+        name, saved = self.model.get("name"), self.model.get("fingerprint")
+        where = self.source or "the run file"
         layout = layout_of(model)
         if layout.layers != self.layout.layers:
+            if self.edited:
+                raise GispError(f"{where} was changed after gisp wrote it (checksum mismatch) and its layout no "
+                                "longer fits the base model's layer shapes: restore the file or re-run gisp prune")
             raise GispError(
-                f"this trajectory was made for '{self.model.get('name')}' and does not fit this model's "
+                f"this trajectory was made for '{name}' and does not fit this model's "
                 "layer shapes: load the run's base model"
             )
         fp = fingerprint(model)
-        if fp != self.model.get("fingerprint"):
+        if fp != saved:
+            if self.edited:
+                raise GispError(f"{where} was changed after gisp wrote it (checksum mismatch) and its model "
+                                f"fingerprint {saved} is not this model's {fp}: restore the file or re-run gisp prune")
             raise GispError(
-                f"model fingerprint {fp} differs from the run's base model {self.model.get('fingerprint')} "
-                f"('{self.model.get('name')}'): apply the trajectory to a freshly loaded base model"
+                f"this model (fingerprint {fp}) is not the run's base model '{name}' (fingerprint {saved}): the run "
+                "was made from another model or this one was modified; apply it to a freshly loaded base model"
             )
 
     def apply(self, model: nn.Module, sparsity: float | None = None, *, step: int | None = None) -> dict[str, Any]:
         """Mask a freshly loaded base model in place; returns the chosen step's record."""
         self.check_model(model)
-        rec = self.steps[step] if step is not None else self.step_at(sparsity if sparsity is not None else 0.0)
+        rec = self._record(step) if step is not None else self.step_at(sparsity if sparsity is not None else 0.0)
         apply_mask(model, self.mask_at_step(rec["step"]))
         return rec
 
     # persistence --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The file's content, ``checksum`` last (:func:`checksum` of the rest)."""
+        d = {
             "format": FORMAT,
             "completed": self.completed,
             "model": self.model,
@@ -237,6 +268,8 @@ class Trajectory:
             "head_order": self.head_order,
             "channel_order": self.channel_order,
         }
+        d["checksum"] = checksum(d)
+        return d
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / FILENAME
@@ -251,14 +284,235 @@ class Trajectory:
         if not path.is_file():
             raise GispError(f"no pruning run at {run} (expected {FILENAME}): run 'gisp prune' first")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise GispError(f"{path} is not a valid trajectory file ({e.msg})") from e
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GispError(f"{path} is not a valid trajectory file ({getattr(e, 'msg', None) or e.reason}): "
+                            "restore it or re-run gisp prune") from e
+        except OSError as e:
+            raise GispError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+        if not isinstance(d, dict):
+            raise GispError(f"{path} is not a valid trajectory file (not a JSON object): "
+                            "restore it or re-run gisp prune")
         if d.get("format") != FORMAT:
             raise GispError(f"{path} has trajectory format {d.get('format')}, this gisp reads {FORMAT}")
+        layout = _Validator(path, d).run()
+        edited = "checksum" in d and d["checksum"] != checksum(d)
+        if edited:
+            warnings.warn(f"{path} was changed after gisp wrote it (its checksum does not match its content)",
+                          stacklevel=2)
         return cls(
-            layout=Layout.from_dict(d["layout"]), config=d["config"], model=d["model"],
+            layout=layout, config=d["config"], model=d["model"],
             calibration=d["calibration"], versions=d["versions"], head_step=d["head_step"],
             channel_step=d["channel_step"], head_order=d["head_order"], channel_order=d["channel_order"],
-            steps=d["steps"], completed=d["completed"],
+            steps=d["steps"], completed=d["completed"], edited=edited, source=str(path),
         )
+
+
+def checksum(d: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a trajectory dict's content: everything but ``checksum`` itself and the
+    base model's :data:`RELOCATABLE` entries, as canonical JSON."""
+    content = {k: v for k, v in d.items() if k != "checksum"}
+    if isinstance(content.get("model"), dict):
+        content["model"] = {k: v for k, v in content["model"].items() if k not in RELOCATABLE}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# validation -------------------------------------------------------------------------------------------------
+
+_SHAPE_INTS = ("num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate")
+_SHAPE_BOOLS = ("qkv_bias", "o_bias", "mlp_bias")
+_TOP = ("completed", "model", "config", "calibration", "versions", "layout", "steps", "head_step", "channel_step",
+        "head_order", "channel_order")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class _Validator:
+    """Checks a parsed trajectory file against itself: its layout, its steps and its masks."""
+
+    def __init__(self, path: Path, d: dict[str, Any]) -> None:
+        self.path, self.d = path, d
+
+    def fail(self, field: str, problem: str) -> GispError:
+        return GispError(f"{self.path}: field '{field}' {problem}: the file was edited or damaged; "
+                         "restore it or re-run gisp prune")
+
+    def run(self) -> Layout:
+        d = self.d
+        for key in _TOP:
+            if key not in d:
+                raise self.fail(key, "is missing")
+        if not isinstance(d["completed"], bool):
+            raise self.fail("completed", "must be true or false")
+        for key in ("model", "config", "calibration", "versions"):
+            if not isinstance(d[key], dict):
+                raise self.fail(key, "must be a JSON object")
+        fp = d["model"].get("fingerprint")
+        if fp is not None and not isinstance(fp, str):
+            raise self.fail("model.fingerprint", "must be a string")
+        if "checksum" in d and not isinstance(d["checksum"], str):
+            raise self.fail("checksum", "must be a string")
+        layout = self.layout()
+        last = self.steps(layout)
+        heads = self.rows("head_step", [s.num_heads for s in layout.layers], layout, last)
+        channels = self.rows("channel_step", [s.intermediate for s in layout.layers], layout, last)
+        self.orders(heads, channels, layout)
+        self.records(layout, heads, channels, last)
+        return layout
+
+    def layout(self) -> Layout:
+        lay = self.d["layout"]
+        if not isinstance(lay, dict) or not isinstance(lay.get("layers"), list) or not lay["layers"]:
+            raise self.fail("layout.layers", "must be a non-empty list of layer shapes")
+        shapes = []
+        for i, s in enumerate(lay["layers"]):
+            where = f"layout.layers[{i}]"
+            if not isinstance(s, dict):
+                raise self.fail(where, "must be a JSON object")
+            unknown = set(s) - set(_SHAPE_INTS) - set(_SHAPE_BOOLS)
+            if unknown:
+                raise self.fail(f"{where}.{sorted(unknown)[0]}", "is not a layer-shape field")
+            for k in _SHAPE_INTS:
+                if not _is_int(s.get(k)) or s[k] < 1:
+                    raise self.fail(f"{where}.{k}", f"must be a positive integer, got {s.get(k)!r}")
+            for k in _SHAPE_BOOLS:
+                if k in s and not isinstance(s[k], bool):
+                    raise self.fail(f"{where}.{k}", "must be true or false")
+            if s["num_heads"] % s["num_kv_heads"]:
+                raise self.fail(f"{where}.num_kv_heads", "must divide num_heads")
+            shapes.append(LayerShape(**s))
+        prot = lay.get("protected")
+        n = len(shapes)
+        if not isinstance(prot, list) or not all(_is_int(i) and 0 <= i < n for i in prot) \
+                or len(set(prot)) != len(prot):
+            raise self.fail("layout.protected", f"must list distinct layer indices in 0..{n - 1}")
+        if len(prot) == n:
+            raise self.fail("layout.protected", "protects every layer")
+        layout = Layout(tuple(shapes), frozenset(prot))
+        cfg = self.d["config"]
+        if _is_num(cfg.get("protect_first")) and _is_int(cfg.get("protect_last")):
+            try:
+                expected = protected_layers(n, cfg["protect_first"], cfg["protect_last"])
+            except GispError:
+                raise self.fail("config.protect_first", "and protect_last do not fit the layout") from None
+            if expected != layout.protected:
+                raise self.fail("layout.protected", f"is {sorted(prot)}, but the run's protect_first/protect_last "
+                                f"protect {sorted(expected)}")
+        return layout
+
+    def steps(self, layout: Layout) -> int:
+        steps = self.d["steps"]
+        if not isinstance(steps, list) or not steps:
+            raise self.fail("steps", "must be a non-empty list of step records")
+        for k, rec in enumerate(steps):
+            where = f"steps[{k}]"
+            if not isinstance(rec, dict):
+                raise self.fail(where, "must be a JSON object")
+            for key in ("step", "target", "sparsity", "kept_params"):
+                if key not in rec:
+                    raise self.fail(f"{where}.{key}", "is missing")
+            if not _is_int(rec["step"]) or rec["step"] != k:
+                raise self.fail(f"{where}.step", f"must be {k} (records are stored in step order), "
+                                f"got {rec['step']!r}")
+            for key, low, high in (("target", 0.0, 1.0), ("sparsity", 0.0, 1.0)):
+                if not _is_num(rec[key]) or not low <= rec[key] <= high:
+                    raise self.fail(f"{where}.{key}", f"must be a number in [{low:g}, {high:g}], got {rec[key]!r}")
+            for key in ("kept_params", "heads_removed", "channels_removed", "work_params"):
+                if key in rec and not (rec[key] is None and key == "work_params") \
+                        and (not _is_int(rec[key]) or rec[key] < 0):
+                    raise self.fail(f"{where}.{key}", f"must be a non-negative integer, got {rec[key]!r}")
+            for key in ("calib_loss", "gradient_seconds", "seconds"):
+                v = rec.get(key)
+                if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                    raise self.fail(f"{where}.{key}", f"must be a number or null, got {v!r}")
+            timing = rec.get("timing")
+            if timing is not None and (not isinstance(timing, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in timing.values())):
+                raise self.fail(f"{where}.timing", "must map phases to numbers")
+        last = len(steps) - 1
+        cfg = self.d["config"]
+        if "method" not in cfg and _is_int(cfg.get("steps")):  # a GISP run: its steps are the config's
+            if last > cfg["steps"]:
+                raise self.fail("steps", f"holds {last} steps, more than the run's {cfg['steps']}")
+            if self.d["completed"] and last != cfg["steps"]:
+                raise self.fail("completed", f"is true after step {last} of {cfg['steps']}")
+        return last
+
+    def rows(self, key: str, widths: list[int], layout: Layout, last: int) -> list[list[int]]:
+        rows = self.d[key]
+        if not isinstance(rows, list) or len(rows) != len(widths):
+            raise self.fail(key, f"must hold one row per layer ({len(widths)})")
+        for i, (row, width) in enumerate(zip(rows, widths)):
+            if not isinstance(row, list) or len(row) != width:
+                raise self.fail(f"{key}[{i}]", f"must be a list of {width} steps (the layer's width)")
+            for j, x in enumerate(row):
+                if not _is_int(x) or not 0 <= x <= last:
+                    raise self.fail(f"{key}[{i}][{j}]", f"must be a step in 0..{last} (0: never removed), got {x!r}")
+            if i in layout.protected and any(row):
+                raise self.fail(f"{key}[{i}]", f"removes structures of protected layer {i}")
+        return rows
+
+    def orders(self, heads: list[list[int]], channels: list[list[int]], layout: Layout) -> None:
+        removed: list[tuple[int, int, str]] = []  # (order, step, field)
+        for key, steps in (("head_order", heads), ("channel_order", channels)):
+            rows = self.d[key]
+            if not isinstance(rows, list) or len(rows) != len(steps):
+                raise self.fail(key, f"must hold one row per layer ({len(steps)})")
+            for i, (row, srow) in enumerate(zip(rows, steps)):
+                if not isinstance(row, list) or len(row) != len(srow):
+                    raise self.fail(f"{key}[{i}]", f"must be a list of {len(srow)} positions (the layer's width)")
+                for j, (o, st) in enumerate(zip(row, srow)):
+                    where = f"{key}[{i}][{j}]"
+                    if not _is_int(o):
+                        raise self.fail(where, f"must be an integer, got {o!r}")
+                    if (o == -1) != (st == 0) or o < -1:
+                        raise self.fail(where, "must be -1 exactly for a structure never removed, else its position "
+                                        f"in the pruning order (got {o} for removal step {st})")
+                    if st:
+                        removed.append((o, st, where))
+        removed.sort()
+        for pos, (o, st, where) in enumerate(removed):
+            if o != pos:
+                raise self.fail(where, f"is {o}: the pruning order must number the {len(removed)} removed "
+                                f"structures 0..{len(removed) - 1} once each")
+            if pos and st < removed[pos - 1][1]:
+                raise self.fail(where, f"puts a structure of step {st} after one of step {removed[pos - 1][1]}")
+
+    def records(self, layout: Layout, heads: list[list[int]], channels: list[list[int]], last: int) -> None:
+        """Every record's kept parameters, sparsity and removed counts are what its step's mask gives."""
+        big = last + 1
+
+        def removal(row: list[int]) -> torch.Tensor:
+            return torch.tensor([x if x else big for x in row], dtype=torch.long)
+
+        per_layer = []  # per layer: (kept heads, kept kv heads, kept channels) at every step 0..last
+        head_gone = torch.zeros(big, dtype=torch.long)
+        chan_gone = torch.zeros(big, dtype=torch.long)
+        ks = torch.arange(big)
+        for s, hrow, crow in zip(layout.layers, heads, channels):
+            h, c = removal(hrow), removal(crow)
+            kv = h.view(s.num_kv_heads, s.group_size).max(dim=1).values
+            kept = [(h[None, :] > ks[:, None]).sum(1), (kv[None, :] > ks[:, None]).sum(1),
+                    (c[None, :] > ks[:, None]).sum(1)]
+            per_layer.append([t.tolist() for t in kept])
+            head_gone += s.num_heads - kept[0]
+            chan_gone += s.intermediate - kept[2]
+        dense = layout.dense_params
+        for k, rec in enumerate(self.d["steps"]):
+            kept = sum(s.params(hk[k], kvk[k], ck[k]) for s, (hk, kvk, ck) in zip(layout.layers, per_layer))
+            where = f"steps[{k}]"
+            if rec["kept_params"] != kept:
+                raise self.fail(f"{where}.kept_params", f"is {rec['kept_params']}, but the step's mask keeps {kept}")
+            sparsity = 1.0 - kept / dense
+            if abs(rec["sparsity"] - sparsity) > 1e-9:
+                raise self.fail(f"{where}.sparsity", f"is {rec['sparsity']}, but the step's mask has {sparsity}")
+            for key, gone in (("heads_removed", head_gone), ("channels_removed", chan_gone)):
+                if key in rec and rec[key] != int(gone[k]):
+                    raise self.fail(f"{where}.{key}", f"is {rec[key]}, but the step's mask removed {int(gone[k])}")
