@@ -185,20 +185,29 @@ def test_hand_made_trajectory_exports_each_step(tmp_path):
 
 def test_uniform_keep_is_a_superset_along_the_global_order(tmp_path):
     """--uniform keeps every structure of the level; the ones added back are those the run removed last."""
-    base = tiny_model("llama", 2, layers=6)
-    traj = gisp.prune(copy.deepcopy(base), gisp.PruneConfig(**{**CFG, "protect_first": 0.0, "protect_last": 0}),
-                      random_calib(n=8, seq_len=16), progress=False)
-    level = traj.mask_at(0.3)
-    res = gisp.export(traj, tmp_path / "k", model=base, sparsity=0.3, uniform=True)
-    assert res.plain and len({(int(h.sum()), int(c.sum())) for h, c in zip(res.mask.heads, res.mask.channels)}) == 1
-    for i in range(6):
+    base = tiny_model("llama", 2, layers=3)  # 2 KV heads of 2 query heads, 96 channels
+    traj = hand_trajectory(base, {0: [1, 0, 0, 2], 1: [1, 1, 0, 2], 2: [0, 2, 2, 0]},
+                           {0: [1] * 20 + [2] * 10 + [0] * 66, 1: [1] * 30 + [2] * 10 + [0] * 56,
+                            2: [2] * 10 + [0] * 86})
+    level = traj.mask_at_step(2)
+    res = gisp.export(traj, tmp_path / "k", model=base, step=2, uniform=True)
+    assert res.plain
+    for i in range(3):  # one shape: 2 KV heads of 1 query head each, the widest layer's 86 channels
         assert bool((res.mask.heads[i] | ~level.heads[i]).all())
         assert bool((res.mask.channels[i] | ~level.channels[i]).all())
-        assert int(res.mask.channels[i].sum()) == max(int(c.sum()) for c in level.channels)
-    assert_moves_along_order(traj, level, res.mask)
+        assert int(res.mask.heads[i].sum()) == 2 and int(res.mask.kv_heads(traj.layout, i).sum()) == 2
+        assert int(res.mask.channels[i].sum()) == 86
+    assert res.mask.heads[1].tolist() == [False, True, True, False]  # of the two removed at step 1, the later
+    assert res.mask.channels[1][10:].all() and not res.mask.channels[1][:10].any()  # the last 30 removed
+    for i in range(3):  # channels added back are the ones the run removed last (heads come back by KV group)
+        o = torch.tensor(traj.channel_order[i], dtype=torch.float64)
+        added, still_out = res.mask.channels[i] & ~level.channels[i], ~res.mask.channels[i]
+        if added.any() and still_out.any():
+            assert o[added].min() > o[still_out].max()
     a = res.adjustment
-    assert a["rule"] == "keep" and a["level_structures_removed"] == 0 and a["params_delta"] >= 0
-    assert res.params < n_params(base)  # smaller than dense when no layer is protected
+    assert a["rule"] == "keep" and a["level_structures_removed"] == 0 and a["structures_added"] == 1 + 20 + 30
+    assert level.kept_params(traj.layout) < res.mask.kept_params(traj.layout) < Mask.dense(traj.layout).kept_params(
+        traj.layout)
     assert max_diff(LlamaForCausalLM.from_pretrained(res.path).eval(), masked(base, res.mask), ids()) <= TOL
 
 
