@@ -167,7 +167,7 @@ def from_pretrained_checked(path: str | Path, name: str, **kwargs: Any) -> nn.Mo
 
     local = Path(path).is_dir()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (GispError, OSError):
         raise
     except Exception as e:  # a truncated file, shapes that do not match the config
@@ -176,6 +176,8 @@ def from_pretrained_checked(path: str | Path, name: str, **kwargs: Any) -> nn.Mo
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise GispError(f"could not load the weights of '{name}' ({type(e).__name__}: {first}): the directory is "
                         "incomplete or its weights do not match config.json; re-export or re-download it") from e
+    # gisp's vLLM-format class loads (and checks) its padded weights itself and returns the model alone
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has mismatched shapes for"),
                        ("unexpected_keys", "holds tensors its config does not describe, e.g."),
                        ("error_msgs", "could not be loaded:")):
