@@ -165,6 +165,42 @@ def _is_gisp_export(path: str) -> bool:
         return False
 
 
+# checked loading (every weight from the checkpoint, none initialised at random) ---------------------------
+
+EXPORT_RECORD = "gisp_export.json"
+
+
+def from_pretrained_checked(path: str | Path, name: str, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that refuses, in one line, a checkpoint transformers would
+    complete with randomly initialised weights (missing or mismatched tensors) or load only in part
+    (unexpected tensors, a truncated file): otherwise such a model evaluates with exit 0 and a
+    meaningless perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(path).is_dir()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (GispError, OSError):
+        raise
+    except Exception as e:  # a truncated file, shapes that do not match the config
+        if not local:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise GispError(f"could not load the weights of '{name}' ({type(e).__name__}: {first}): the directory is "
+                        "incomplete or its weights do not match config.json; re-export or re-download it") from e
+    # gisp's vLLM-format class loads (and checks) its padded weights itself and returns the model alone
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has mismatched shapes for"),
+                       ("unexpected_keys", "holds tensors its config does not describe, e.g."),
+                       ("error_msgs", "could not be loaded:")):
+        found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(kind) or ()))
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise GispError(f"'{name}' {what} '{found[0]}'{more}: transformers would initialise or drop weights "
+                            "silently; re-export or re-download the model")
+    return model
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -194,10 +230,13 @@ def load_model(
         )
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file and (Path(path) / EXPORT_RECORD).is_file():  # a plain gisp export: checked like the others
+        check_weights_match_config(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, device_map=device_map, **kwargs
-        )
+        if gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map, **kwargs)
+        else:
+            model = from_pretrained_checked(path, name, dtype=torch_dtype, device_map=device_map)
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -236,13 +275,11 @@ def load_pretrained(path: str | Path, *, dtype: str = "auto", device: str = "aut
 
     The tokenizer is ``None`` when the directory has none.
     """
-    from transformers import AutoModelForCausalLM
-
     _silence_hf()
     path = Path(path)
     check_weights_match_config(path)
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
+    model = from_pretrained_checked(path, str(path), dtype=resolve_dtype(dtype, dev))
     model.to(dev).eval()
     tok = None
     if tokenizer and any(path.glob("tokenizer*")):

@@ -183,9 +183,44 @@ def test_hand_made_trajectory_exports_each_step(tmp_path):
     assert per_layer["0"]["skip"] == ["self_attn"] and per_layer["1"]["kv_head_map"] == [0, 0, 1]
 
 
+def test_uniform_keep_is_a_superset_along_the_global_order(tmp_path):
+    """--uniform keeps every structure of the level; the ones added back are those the run removed last."""
+    base = tiny_model("llama", 2, layers=3)  # 2 KV heads of 2 query heads, 96 channels
+    traj = hand_trajectory(base, {0: [1, 0, 0, 2], 1: [1, 1, 0, 2], 2: [0, 2, 2, 0]},
+                           {0: [1] * 20 + [2] * 10 + [0] * 66, 1: [1] * 30 + [2] * 10 + [0] * 56,
+                            2: [2] * 10 + [0] * 86})
+    level = traj.mask_at_step(2)
+    res = gisp.export(traj, tmp_path / "k", model=base, step=2, uniform=True)
+    assert res.plain
+    for i in range(3):  # one shape: 2 KV heads of 1 query head each, the widest layer's 86 channels
+        assert bool((res.mask.heads[i] | ~level.heads[i]).all())
+        assert bool((res.mask.channels[i] | ~level.channels[i]).all())
+        assert int(res.mask.heads[i].sum()) == 2 and int(res.mask.kv_heads(traj.layout, i).sum()) == 2
+        assert int(res.mask.channels[i].sum()) == 86
+    assert res.mask.heads[1].tolist() == [False, True, True, False]  # of the two removed at step 1, the later
+    assert res.mask.channels[1][10:].all() and not res.mask.channels[1][:10].any()  # the last 30 removed
+    for i in range(3):  # channels added back are the ones the run removed last (heads come back by KV group)
+        o = torch.tensor(traj.channel_order[i], dtype=torch.float64)
+        added, still_out = res.mask.channels[i] & ~level.channels[i], ~res.mask.channels[i]
+        if added.any() and still_out.any():
+            assert o[added].min() > o[still_out].max()
+    a = res.adjustment
+    assert a["rule"] == "keep" and a["level_structures_removed"] == 0 and a["structures_added"] == 1 + 20 + 30
+    assert level.kept_params(traj.layout) < res.mask.kept_params(traj.layout) < Mask.dense(traj.layout).kept_params(
+        traj.layout)
+    assert max_diff(LlamaForCausalLM.from_pretrained(res.path).eval(), masked(base, res.mask), ids()) <= TOL
+
+
+def test_uniform_keep_with_dense_protected_layers_keeps_the_base_widths(tmp_path):
+    base, traj = pruned("llama", 2)
+    res = gisp.export(traj, tmp_path / "k", model=base, sparsity=0.3, uniform=True)
+    assert res.plain and res.sparsity == 0.0 and res.adjustment["level_structures_removed"] == 0
+    assert res.adjustment["structures_added"] > 0 and not res.adjustment["is_run_model"]
+
+
 def test_uniform_export_is_a_plain_checkpoint(tmp_path):
     base, traj = pruned("llama", 2)
-    res = gisp.export(traj, tmp_path / "u", model=base, sparsity=0.3, uniform=True)
+    res = gisp.export(traj, tmp_path / "u", model=base, sparsity=0.3, uniform="cut")
     cfg = json.loads((res.path / "config.json").read_text())
     assert res.plain and cfg["model_type"] == "llama" and "per_layer_config" not in cfg
     plain = LlamaForCausalLM.from_pretrained(res.path).eval()  # transformers' own class, no gisp code
@@ -195,6 +230,9 @@ def test_uniform_export_is_a_plain_checkpoint(tmp_path):
     assert res.adjustment["params_after"] - res.adjustment["params_before"] == res.adjustment["params_delta"]
     assert res.params == n_params(plain)
     assert abs(res.sparsity - res.step_sparsity) < 0.05
+    a = res.adjustment
+    assert a["rule"] == "cut" and a["protected_structures_removed"] > 0 and not a["is_run_model"]
+    assert a["level_structures_removed"] >= a["protected_structures_removed"]
 
 
 def test_equal_widths_everywhere_give_a_plain_checkpoint(tmp_path):
@@ -302,8 +340,13 @@ def test_output_directory_is_written_atomically(tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(GispError, match="not empty"):
         gisp.export(traj, out, model=base, sparsity=0.3)
-    res = gisp.export(traj, out, model=base, sparsity=0.3, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(GispError, match="replaces only an earlier gisp export"):  # not ours: never deleted
+        gisp.export(traj, out, model=base, sparsity=0.3, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    gisp.export(traj, out, model=base, sparsity=0.2)  # an empty directory is fine
+    res = gisp.export(traj, out, model=base, sparsity=0.3, overwrite=True)  # and so is our own export
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temp directories left behind
     rec = json.loads((res.path / "gisp_export.json").read_text())
     assert rec["source"]["fingerprint"] == traj.model["fingerprint"] and rec["sparsity"] == pytest.approx(0.3, abs=0.01)

@@ -63,7 +63,9 @@ def compare_command(
 ) -> None:
     """Prune MODEL with every method to every sparsity and evaluate all of them the same way."""
     from gisp.compare.runner import compare
+    from gisp.outputs import check_output_dir
 
+    check_output_dir(out, resumable=True, inputs=[model])  # a bad --out fails before any model loads
     cfg = CompareConfig(
         model=model, methods=[m.strip() for m in methods.split(",") if m.strip()],
         sparsities=parse_floats(sparsities, "sparsities"), out=str(out), calib=calib, calib_samples=calib_samples,

@@ -58,7 +58,10 @@ def eval_command(
 ) -> None:
     """Evaluate a pruning run at several sparsities from its one trajectory, or a model as it is."""
     from gisp.evaluation.evaluate import evaluate
+    from gisp.outputs import check_output_file
 
+    if json_out:  # before the model loads; never over a run's or a model's own files
+        check_output_file(json_out, option="--json", ours="eval", inputs=[])
     result = evaluate(
         target, parse_floats(sparsity), ppl=ppl or None, window=window, max_windows=max_windows,
         tasks=[t for t in tasks.split(",") if t] or None, limit=limit or None, dtype=dtype, device=device,

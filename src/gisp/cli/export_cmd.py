@@ -32,7 +32,10 @@ def export_command(
     max_params: str = typer.Option(None, help="Largest model with at most this many parameters, e.g. 90M."),
     max_size_gb: float = typer.Option(None, help="Largest model whose weights fit in this many GB (1e9 bytes)."),
     round_to: int = typer.Option(None, help="Per-layer widths made multiples of N, along the global order."),
-    uniform: bool = typer.Option(False, help="One shape for every layer: a plain checkpoint that loads without gisp."),
+    uniform: bool = typer.Option(False, help="One shape for every layer (a plain checkpoint that loads without gisp) "
+                                 "keeping every structure of the level: the widest layer's widths, larger."),
+    uniform_cut: bool = typer.Option(False, help="One shape for every layer at the level's size: cuts protected "
+                                     "layers by weight magnitude; NOT the run's model, quality can collapse."),
     gqa: str = typer.Option("map", help="Uneven GQA groups: map (smallest, needs gisp) or duplicate (standard)."),
     dtype: str = typer.Option(None, help="Weight dtype of the export: fp32, bf16, fp16 (default: the base model's)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -42,6 +45,10 @@ def export_command(
     outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
+    if uniform and uniform_cut:
+        raise GispError("give --uniform (keep every structure of the level) or --uniform-cut (the level's size), "
+                        "not both")
+    uniform = "cut" if uniform_cut else uniform
     from gisp.deploy.export import export
     from gisp.deploy.levels import levels
     from gisp.loading import load_base_model, torch_dtype
@@ -53,7 +60,8 @@ def export_command(
         traj.check_model(loaded.model)
         rows = levels(traj, loaded.model, round_to=round_to, uniform=uniform, gqa=gqa,
                       dtype=torch_dtype(dtype) if dtype else None, run_dir=run)
-        extra = (", uniform" if uniform else "") + (f", round_to {round_to}" if round_to else "")
+        extra = ((", uniform-cut" if uniform == "cut" else ", uniform" if uniform else "")
+                 + (f", round_to {round_to}" if round_to else ""))
         Console().print(levels_table(rows, f"{traj.model.get('name')}: exportable levels "
                                            f"(params incl. embeddings{extra})"))
         return
@@ -93,10 +101,20 @@ def export_command(
         console.print("bias compensation written as o/down projection biases "
                       f"(from {res.record['compensation']['file']})")
     if res.adjustment:
-        a = res.adjustment
-        console.print(f"{a['kind']}: {a['params_delta']:+,} params vs step {res.step} "
-                      f"(sparsity {a['sparsity_before']:.4f} -> {a['sparsity_after']:.4f}); "
-                      f"structures removed from protected layers: {a['protected_structures_removed']}")
+        print_adjustment(res.adjustment, res.step)
+
+
+def print_adjustment(a: dict, step: int) -> None:
+    """What --uniform/--round-to changed against the run's model, on stderr; loud when it cut the level."""
+    err = Console(stderr=True)
+    err.print(f"{a['kind']}: {a['params_delta']:+,} params ({a['params_change']:+.1%}) vs the run's model at step "
+              f"{step} (sparsity {a['sparsity_before']:.4f} -> {a['sparsity_after']:.4f}); "
+              f"{a['structures_added']} structures added back, {a['level_structures_removed']} of the level's cut")
+    if a["level_structures_removed"]:
+        err.print(f"[bold red]warning:[/] this export is NOT the run's model at step {step}: it cut "
+                  f"{a['level_structures_removed']} structures the level keeps ({a['protected_structures_removed']} "
+                  "in protected layers, chosen by weight magnitude); its quality can be far worse: measure it with "
+                  "gisp eval, or export per-layer widths (no --uniform-cut)")
 
 
 def gguf_export_command(run: Path, out: Path | None, *, sparsity: str | None, step: int | None, max_params: str | None,

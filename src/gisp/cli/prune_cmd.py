@@ -75,8 +75,10 @@ def prune_command(
     config: PruneConfig,
 ) -> None:
     """Prune MODEL with GISP; one run holds every sparsity level up to --target."""
+    from gisp.outputs import check_output_dir
     from gisp.run import distributed
 
+    check_output_dir(out, resumable=True, inputs=[model])  # a bad --out fails before the model loads
     traj = run_prune(model, out, config, dtype=dtype, device=device, resume=resume, device_map=device_map)
     main = distributed.is_main()
     distributed.shutdown()

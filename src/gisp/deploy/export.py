@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ from gisp.architectures import layout_of
 from gisp.architectures.slicing import OutputBiases, count_params, plan_layers, slim_model
 from gisp.core.structures import Layout, Mask
 from gisp.deploy.compensation import compensation_for_step
-from gisp.deploy.levels import levels, select_level
+from gisp.deploy.levels import check_selection, levels, select_level, uniform_rule
 from gisp.errors import GispError
 from gisp.loading import load_base_model, torch_dtype
-from gisp.provenance import atomic_write_text, replace_directory, versions
+from gisp.outputs import check_output_dir, staged
+from gisp.provenance import atomic_write_text, versions
 from gisp.run.trajectory import Trajectory
 
 EXPORT_FILE = "gisp_export.json"
@@ -76,10 +76,9 @@ def save_slim(
     overwrite: bool = False,
     biases: OutputBiases | None = None,
 ) -> tuple[Path, nn.Module]:
-    """Slice ``model`` by ``mask`` and write the directory atomically (temp dir, then rename)."""
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    """Slice ``model`` by ``mask`` and write the directory atomically (staged next to it, then renamed;
+    see :mod:`gisp.outputs` for what ``overwrite`` may replace)."""
+    out = check_output_dir(out, overwrite=overwrite, inputs=[source_path])
     slim = slim_model(model, mask, gqa=gqa, dtype=dtype, biases=biases)
     plans = plan_layers(mask, layout_of(model), gqa)
     rec = dict(record or {})
@@ -94,15 +93,10 @@ def save_slim(
                    for p in plans],
         "note": "kept indices refer to the base model's layer, in the exported order",
     })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with staged(out) as tmp:
         slim.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(tokenizer, source_path, tmp)
         _write_record(tmp / EXPORT_FILE, rec)
-        replace_directory(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, slim
 
 
@@ -122,7 +116,7 @@ def export(
     max_params: str | int | None = None,
     max_size_gb: float | None = None,
     round_to: int | None = None,
-    uniform: bool = False,
+    uniform: bool | str = False,
     gqa: str = "map",
     model: nn.Module | None = None,
     tokenizer: Any = None,
@@ -134,7 +128,10 @@ def export(
     ``model`` defaults to a fresh load of the run's base model (it must be
     unpruned: its fingerprint is checked). ``round_to`` makes per-layer widths
     multiples of N along the global order; ``uniform`` gives every layer one
-    shape so the directory is a plain standard checkpoint. ``gqa`` says how
+    shape so the directory is a plain standard checkpoint: ``True``/``"keep"``
+    keeps every structure of the level (larger), ``"cut"`` matches its size by
+    cutting, protected layers included (not the run's model; see
+    :mod:`gisp.deploy.levels`). ``gqa`` says how
     uneven GQA groups are written: ``map`` (each KV head once, per-layer
     query-to-KV map, smallest KV cache) or ``duplicate`` (KV heads repeated
     into equal groups: standard attention, larger KV cache); see the module
@@ -143,6 +140,9 @@ def export(
     """
     traj = run if isinstance(run, Trajectory) else Trajectory.load(run)
     run_dir = None if isinstance(run, Trajectory) else Path(run)
+    # everything a user can get wrong is refused before the base model loads (20-40 s for a real one)
+    check_output_dir(out, overwrite=overwrite, inputs=[run_dir, traj.model.get("path")])
+    check_selection(traj, sparsity=sparsity, max_params=max_params, max_size_gb=max_size_gb)
     source_path = None
     if model is None:
         loaded = load_base_model(traj.model)
@@ -157,13 +157,9 @@ def export(
         raise GispError("this level carries FLAP's bias compensation, which holds for its exact mask only: "
                         "export it without --uniform/--round-to")
     adjustment = None
-    if uniform or (round_to and round_to > 1):
-        layout = traj.layout
-        before = count_params(model, layout, plan_layers(traj.mask_at_step(level.step), layout, gqa))
-        adjustment = {"kind": "uniform" if uniform else "round_to", "round_to": round_to,
-                      "params_before": before, "params_after": level.params, "params_delta": level.params - before,
-                      "sparsity_before": level.step_sparsity, "sparsity_after": level.sparsity,
-                      "protected_structures_removed": _protected_removed(level.mask, layout)}
+    rule = uniform_rule(uniform)
+    if rule or (round_to and round_to > 1):
+        adjustment = _adjustment(model, traj, level, gqa, rule, round_to)
     record = {
         "source": {"name": traj.model.get("name"), "path": traj.model.get("path"),
                    "fingerprint": traj.model.get("fingerprint"), "model_type": model.config.model_type},
@@ -174,7 +170,7 @@ def export(
         "sparsity_definition": "fraction of decoder-layer linear parameters removed (KV heads counted once)",
         "selection": {"sparsity": sparsity, "step": step, "max_params": max_params, "max_size_gb": max_size_gb},
         "round_to": round_to,
-        "uniform": uniform,
+        "uniform": rule or False,
         "adjustment": adjustment,
         "prune_config": traj.config,
         "calibration": traj.calibration,
@@ -193,3 +189,23 @@ def export(
 
 def _protected_removed(mask: Mask, layout: Layout) -> int:
     return sum(int((~mask.heads[i]).sum() + (~mask.channels[i]).sum()) for i in layout.protected)
+
+
+def _adjustment(model: nn.Module, traj: Trajectory, level: Any, gqa: str, rule: str | None,
+                round_to: int | None) -> dict[str, Any]:
+    """What ``--uniform``/``--round-to`` changed against the run's own model at that step: the export is
+    the run's model only when nothing was cut and nothing added (``is_run_model``)."""
+    layout = traj.layout
+    mask = traj.mask_at_step(level.step)
+    before = count_params(model, layout, plan_layers(mask, layout, gqa))
+    cut = sum(int((mask.heads[i] & ~level.mask.heads[i]).sum() + (mask.channels[i] & ~level.mask.channels[i]).sum())
+              for i in range(layout.num_layers))
+    added = sum(int((~mask.heads[i] & level.mask.heads[i]).sum() + (~mask.channels[i] & level.mask.channels[i]).sum())
+                for i in range(layout.num_layers))
+    return {"kind": f"uniform-{rule}" if rule else "round_to", "rule": rule, "round_to": round_to,
+            "params_before": before, "params_after": level.params, "params_delta": level.params - before,
+            "params_change": (level.params - before) / before,
+            "sparsity_before": level.step_sparsity, "sparsity_after": level.sparsity,
+            "level_structures_removed": cut, "structures_added": added,
+            "protected_structures_removed": _protected_removed(level.mask, layout),
+            "is_run_model": cut == 0 and added == 0}

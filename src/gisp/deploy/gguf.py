@@ -40,12 +40,12 @@ the export record) goes into ``gisp.*`` metadata keys.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -58,7 +58,9 @@ import torch
 from gguf import MODEL_ARCH, MODEL_TENSOR, GGMLQuantizationType, LlamaFileType
 
 from gisp.architectures import get_architecture
+from gisp.deploy.levels import check_budget, check_sparsity
 from gisp.errors import GispError
+from gisp.outputs import check_output_file, disk_full_error, remove_stale, staging_name
 
 # =============================================================================
 # Per-family facts (keyed by HF model_type)
@@ -665,7 +667,8 @@ def write_gguf(
     allowed = set(gguf.MODEL_TENSORS[arch])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale(out)
+    tmp = staging_name(out)
     n_vocab = top[MODEL_TENSOR.TOKEN_EMBD].shape[0]
     writer = gguf.GGUFWriter(tmp, arch_name)
     try:
@@ -751,9 +754,11 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(out, e) from e
         raise
     layer_rows = [{"heads": p.heads, "kv_heads": p.kv, "ffn": p.n_ff, "zero_heads": sum(s is None for s in p.slots)}
                   for p in plans]
@@ -766,17 +771,11 @@ def write_gguf(
 # =============================================================================
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and out.is_dir():
+def _check_out(out: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
+    """Before any model loads: a writable file name, not an input, replacing only a GGUF file of ours."""
+    if out.is_dir():
         raise GispError(f"{out} is a directory: give a file name ending in .gguf")
-    if out.exists() and not overwrite:
-        raise GispError(f"{out} already exists: choose another --out or pass --overwrite")
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise GispError(f"cannot write {out}: {probe} is not a writable directory")
+    check_output_file(out, overwrite=overwrite, inputs=inputs)
 
 
 def output_paths(out: str | Path, sparsities: Sequence[float] | None, n: int, outtype: str) -> list[Path]:
@@ -808,7 +807,7 @@ def export_gguf(
     outtype: str = "f32",
     gqa: str = "map",
     round_to: int | None = None,
-    uniform: bool = False,
+    uniform: bool | str = False,
     overwrite: bool = False,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
@@ -837,7 +836,7 @@ def export_gguf(
         if any(x is not None for x in (sparsity, step, max_params, max_size_gb)) or uniform or round_to:
             raise GispError(f"{source} is a model directory, not a run: level options apply to runs only")
         (path,) = output_paths(out, None, 1, outtype)
-        _check_out(path, overwrite)
+        _check_out(path, overwrite, [source])
         try:
             family_of(json.loads((source / "config.json").read_text()).get("model_type", "?"))
         except (OSError, json.JSONDecodeError) as e:
@@ -850,21 +849,14 @@ def export_gguf(
 
     traj = Trajectory.load(source)
     n = len(sparsities) if sparsities else 1
-    if sparsities:
-        top = max(rec["sparsity"] for rec in traj.steps)
-        for s in sparsities:
-            if not 0.0 <= s < 1.0:
-                raise GispError(f"sparsity must be in [0, 1), got {s}")
-            if s > top + 5e-3:
-                raise GispError(f"this run holds sparsities up to {top:.4f} (step {traj.last_step}), not {s}: "
-                                "prune to a higher --target or ask for less")
+    for s in sparsities or ():
+        check_sparsity(traj, s)
+    check_budget(max_params, max_size_gb)
     if max_size_gb is not None:  # the file's bytes: weights in the outtype (norms and zero padding aside)
-        if max_size_gb <= 0:
-            raise GispError(f"--max-size-gb must be positive, got {max_size_gb}")
         max_params, max_size_gb = max(1, int(max_size_gb * 1e9 / BYTES_PER_WEIGHT[outtype])), None
     paths = output_paths(out, sparsities, n, outtype)
     for p in paths:
-        _check_out(p, overwrite)
+        _check_out(p, overwrite, [source, traj.model.get("path")])
     if model is None:
         from gisp.loading import load_model
 
@@ -880,7 +872,9 @@ def export_gguf(
     results = []
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.hf-", dir=path.parent))
+        remove_stale(path)
+        work = staging_name(path)  # the intermediate HF export, in our staging pattern
+        os.mkdir(work)
         try:
             res = export(source, work / "hf", model=model, tokenizer=tokenizer, gqa=gqa, round_to=round_to,
                          uniform=uniform, sparsity=sparsities[k] if sparsities else None, step=step,

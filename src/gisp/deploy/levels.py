@@ -112,9 +112,78 @@ def round_mask(mask: Mask, layout: Layout, ranking: Ranking, round_to: int) -> M
     return out
 
 
+UNIFORM_RULES = ("keep", "cut")
+
+
+def uniform_rule(uniform: bool | str) -> str | None:
+    """``uniform`` as given to :func:`levels` (``False``, ``True`` = ``"keep"``, ``"keep"``, ``"cut"``)."""
+    if uniform is False or uniform is None:
+        return None
+    rule = "keep" if uniform is True else str(uniform)
+    if rule not in UNIFORM_RULES:
+        raise GispError(f"unknown uniform rule '{uniform}': use keep (default) or cut")
+    return rule
+
+
+def _uniform_check(layout: Layout) -> None:
+    s0 = layout.layers[0]
+    if any((s.num_heads, s.num_kv_heads, s.intermediate, s.head_dim) != (s0.num_heads, s0.num_kv_heads,
+                                                                          s0.intermediate, s0.head_dim)
+           for s in layout.layers):
+        raise GispError("--uniform needs a base model whose layers all have the same widths")
+
+
+def _fill(kept: torch.Tensor, key: torch.Tensor, n: int) -> torch.Tensor:
+    """``kept`` plus the removed structures with the highest keep-priority (removed last) up to ``n``."""
+    out = kept.clone()
+    add = torch.nonzero(~kept).flatten()
+    add = add[torch.argsort(key[add], descending=True, stable=True)]
+    out[add[: max(0, n - int(kept.sum()))]] = True
+    return out
+
+
+def uniform_keep_mask(mask: Mask, layout: Layout, ranking: Ranking, base_config: Any,
+                      round_to: int | None = None) -> Mask:
+    """One shape for every layer that keeps every structure of ``mask`` (the default ``--uniform``).
+
+    The common widths are the widest layer's (KV heads, query heads per KV head, MLP channels); a
+    narrower layer gets back the structures the run removed from it last (its global order, newest
+    first) until it has them. Nothing the level keeps is cut, so the export holds the run's model at
+    this level plus structures the run ranked just below it: its quality is at least that level's in
+    practice, its cost is size (recorded and printed). A run whose protected layers stay dense gives
+    the base model's widths: a smaller plain checkpoint then needs ``rule="cut"``.
+    """
+    _uniform_check(layout)
+    s0 = layout.layers[0]
+    kvh, g, L = s0.num_kv_heads, s0.group_size, layout.num_layers
+    arch = get_architecture(base_config)
+    kv_need = max(int(mask.kv_heads(layout, i).sum()) for i in range(L))
+    k_need = max(int(mask.heads[i].view(kvh, g).sum(dim=1).max()) for i in range(L))
+    c_need = max(int(c.sum()) for c in mask.channels)
+    hm = _head_multiple(round_to, s0.head_dim) if round_to else 1
+    shapes = [(kv, k) for kv in range(max(1, kv_need), kvh + 1) for k in range(max(1, k_need), g + 1)
+              if ((kv * k) % hm == 0 or (kv, k) == (kvh, g))
+              and standard_config(arch, base_config, kv * k, kv, 1) is not None]
+    kv_keep, k = min(shapes, key=lambda x: (x[0] * x[1], x[0]))  # the dense shape is always there
+    c = max(1, c_need)
+    if round_to and round_to > 1 and c % round_to:
+        c = min(s0.intermediate, (c + round_to - 1) // round_to * round_to)
+    out = Mask.dense(layout)
+    for i in range(L):
+        key = ranking.heads[i].view(kvh, g)
+        kept = mask.heads[i].view(kvh, g)
+        groups = _fill(kept.any(dim=1), key.max(dim=1).values, kv_keep)
+        keep = torch.zeros(kvh, g, dtype=torch.bool)
+        for grp in torch.nonzero(groups).flatten().tolist():
+            keep[grp] = _fill(kept[grp], key[grp], k)
+        out.heads[i] = keep.flatten()
+        out.channels[i] = _fill(mask.channels[i], ranking.channels[i], c)
+    return out
+
+
 def uniform_shape_mask(mask: Mask, layout: Layout, ranking: Ranking, base_config: Any,
                        round_to: int | None = None) -> Mask:
-    """One shape for every layer, close to ``mask``'s parameter count: a standard checkpoint.
+    """One shape for every layer, close to ``mask``'s parameter count (``--uniform-cut``).
 
     Every layer keeps the same number of KV heads with the same number of query
     heads in each (closest to the mean kept heads and KV heads of ``mask``) and
@@ -122,13 +191,11 @@ def uniform_shape_mask(mask: Mask, layout: Layout, ranking: Ranking, base_config
     ``mask``). Within a layer the structures kept are the ones the global order
     removed last. Protected layers are cut to the same shape, and structures
     the run never ranked are chosen by a weight-magnitude proxy: this departs
-    from GISP's protection, which is the price of a plain architecture.
+    from GISP's protection, which is the price of a plain architecture of this size: the result is
+    not the run's model (on SmolLM2 at 18% its perplexity was 2,000x the level's; see the README).
     """
+    _uniform_check(layout)
     s0 = layout.layers[0]
-    if any((s.num_heads, s.num_kv_heads, s.intermediate, s.head_dim) != (s0.num_heads, s0.num_kv_heads,
-                                                                          s0.intermediate, s0.head_dim)
-           for s in layout.layers):
-        raise GispError("--uniform needs a base model whose layers all have the same widths")
     kvh, g, L = s0.num_kv_heads, s0.group_size, layout.num_layers
     arch = get_architecture(base_config)
     mean_heads = sum(int(h.sum()) for h in mask.heads) / L
@@ -180,9 +247,49 @@ class ExportLevel:
                 "ppl_protocol": self.ppl_protocol}
 
 
+SPARSITY_TOLERANCE = 5e-3  # a request this far above the run's last level still names that level
+
+
+def check_sparsity(traj: Trajectory, sparsity: float) -> None:
+    """Refuse a sparsity outside [0, 1) or above the run's last level (one line).
+
+    Below the last level a request means "the last step at or below it"; above it there is no such
+    level, and silently delivering the last one would report a model the user did not ask for.
+    """
+    if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
+        raise GispError(f"sparsity must be in [0, 1), got {sparsity}")
+    top = max(rec["sparsity"] for rec in traj.steps)
+    if sparsity > top + SPARSITY_TOLERANCE:
+        raise GispError(f"this run holds sparsities up to {top:.4f} (step {traj.last_step}), not {sparsity}: "
+                        "prune to a higher --target (or --resume the run) or ask for less")
+
+
+def check_budget(max_params: str | int | float | None = None, max_size_gb: float | None = None) -> None:
+    """Budgets must be finite and positive: one line for nan, inf, zero or negative values."""
+    if max_params is not None and parse_params(max_params) <= 0:
+        raise GispError(f"--max-params must be positive, got {max_params}")
+    if max_size_gb is not None:
+        try:
+            ok = math.isfinite(float(max_size_gb)) and float(max_size_gb) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise GispError(f"--max-size-gb must be a positive finite number of GB, got {max_size_gb}")
+
+
+def check_selection(traj: Trajectory, *, sparsity: float | None = None, max_params: str | int | None = None,
+                    max_size_gb: float | None = None) -> None:
+    """What :func:`select_level` would refuse about the request itself, checked before a model loads."""
+    if sparsity is not None:
+        check_sparsity(traj, sparsity)
+    check_budget(max_params, max_size_gb)
+
+
 def parse_params(text: str | int | float) -> int:
     """``"90M"`` -> 90_000_000 (k, M, B/G suffixes; plain numbers too)."""
     if isinstance(text, int | float):
+        if not math.isfinite(text):
+            raise GispError(f"--max-params takes a finite count like 90M, 1.2B or 500000; got {text}")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", str(text))
     if not m:
@@ -214,8 +321,11 @@ def known_perplexities(run_dir: str | Path | None) -> dict[int, tuple[float, str
 
 
 def _adjust(mask: Mask, layout: Layout, ranking: Ranking | None, base_config: Any, round_to: int | None,
-            uniform: bool) -> Mask:
-    if uniform:
+            uniform: bool | str) -> Mask:
+    rule = uniform_rule(uniform)
+    if rule == "keep":
+        return uniform_keep_mask(mask, layout, ranking, base_config, round_to)
+    if rule == "cut":
         return uniform_shape_mask(mask, layout, ranking, base_config, round_to)
     if round_to and round_to > 1:
         return round_mask(mask, layout, ranking, round_to)
@@ -227,14 +337,19 @@ def levels(
     model: nn.Module,
     *,
     round_to: int | None = None,
-    uniform: bool = False,
+    uniform: bool | str = False,
     gqa: str = "map",
     dtype: torch.dtype | None = None,
     run_dir: str | Path | None = None,
 ) -> list[ExportLevel]:
-    """Every step of the run as an exportable model: sparsity, parameters, bytes (and ppl if known)."""
+    """Every step of the run as an exportable model: sparsity, parameters, bytes (and ppl if known).
+
+    ``uniform``: one shape for every layer (a plain checkpoint): ``True``/``"keep"`` keeps every
+    structure of the level (:func:`uniform_keep_mask`), ``"cut"`` matches the level's size by cutting
+    (:func:`uniform_shape_mask`)."""
     layout = traj.layout
-    ranking = Ranking.from_trajectory(traj, model if uniform else None) if (uniform or round_to) else None
+    rule = uniform_rule(uniform)
+    ranking = Ranking.from_trajectory(traj, model if rule == "cut" else None) if (rule or round_to) else None
     elem = torch.empty(0, dtype=dtype or next(model.parameters()).dtype).element_size()
     ppl = known_perplexities(run_dir)
     out = []
@@ -270,15 +385,12 @@ def select_level(
         if step not in by_step:
             raise GispError(f"step {step} is outside this run's steps 0..{traj.last_step}")
         return by_step[step]
+    check_selection(traj, sparsity=sparsity, max_params=max_params, max_size_gb=max_size_gb)
     if sparsity is not None:
         return by_step[traj.step_at(sparsity)["step"]]
     if max_params is not None:
         limit, what = parse_params(max_params), "params"
-        if limit <= 0:
-            raise GispError(f"--max-params must be positive, got {max_params}")
     else:
-        if max_size_gb <= 0:
-            raise GispError(f"--max-size-gb must be positive, got {max_size_gb}")
         limit, what = int(max_size_gb * 1e9), "size_bytes"
     for lv in sorted(all_levels, key=lambda x: x.step):
         if getattr(lv, what) <= limit:

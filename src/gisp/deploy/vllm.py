@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from gisp.architectures import architecture_class
 from gisp.errors import GispError
-from gisp.provenance import replace_directory
+from gisp.outputs import check_output_dir, remove_stale, staged, staging_name
 from gisp_vllm import ARCHITECTURE, MODEL_TYPE, GispDeciLMConfig, register
 
 register()  # import gisp: AutoConfig reads vLLM exports too
@@ -335,15 +335,16 @@ the padding this format needs and the true parameter count.
 
 
 def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = False,
-               dtype: str | None = None) -> dict[str, Any]:
-    """Write the vLLM directory for a Hugging Face export (gisp per-layer or plain); returns its record."""
+               dtype: str | None = None, keep_source: bool = True) -> dict[str, Any]:
+    """Write the vLLM directory for a Hugging Face export (gisp per-layer or plain); returns its record.
+
+    ``keep_source=False``: the HF export is a temporary one, so the record does not point to it."""
     from safetensors.torch import save_file
 
     from gisp.loading import DTYPES, load_pretrained
 
-    src, out = Path(hf_export), Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    src = Path(hf_export)
+    out = check_output_dir(out, overwrite=overwrite, inputs=[src])
     if not (src / "config.json").is_file():
         raise GispError(f"{src} is neither a pruning run nor an exported model directory")
     config = json.loads((src / "config.json").read_text())
@@ -378,7 +379,7 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
         "format": VLLM_FORMAT,
         "model_type": MODEL_TYPE,
         "architecture": ARCHITECTURE,
-        "source_export": str(src.resolve()),
+        "source_export": str(src.resolve()) if keep_source else None,
         "source_model_type": config.get("model_type"),
         "num_attention_heads": plan.num_attention_heads,
         "params_true": true_params,
@@ -389,9 +390,7 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
         "padding": "zero q rows / o-projection columns, zero or duplicated k/v rows; MLPs exact (see gisp.deploy.vllm)",
         "layers": [lay.record() for lay in plan.layers],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with staged(out) as tmp:
         save_file({k: v.contiguous() for k, v in padded.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         cfg.save_pretrained(tmp)
@@ -405,9 +404,6 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
             version=__version__, source=(record.get("source") or {}).get("name") or src.name,
             step=record.get("step", "?"), sparsity=f"{record['sparsity']:.4f}" if "sparsity" in record else "?",
             model_type=MODEL_TYPE, arch=ARCHITECTURE, name=out.name))
-        replace_directory(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 
@@ -441,6 +437,16 @@ class VllmExportResult:
     record: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+def _run_model_path(run: Path | None) -> str | None:
+    """The base model a run directory records (an input no output may overwrite)."""
+    if run is None or not (run / "trajectory.json").is_file():
+        return None
+    try:
+        return (json.loads((run / "trajectory.json").read_text()).get("model") or {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_export_dir(path: str | Path) -> bool:
     """A model directory (``config.json``) rather than a pruning run (``trajectory.json``)."""
     p = Path(path)
@@ -453,10 +459,9 @@ def export_vllm(run: str | Path | Any, out: str | Path, *, overwrite: bool = Fal
     Face export directory, written for vLLM (see the module docstring)."""
     from gisp.deploy.export import export
 
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise GispError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
-    if not hasattr(run, "steps") and is_export_dir(run):
+    run_path = None if hasattr(run, "steps") else Path(run)
+    out = check_output_dir(out, overwrite=overwrite, inputs=[run_path, _run_model_path(run_path)])
+    if run_path is not None and is_export_dir(run_path):
         chosen = {k: v for k, v in level.items() if v not in (None, False) and k not in ("model", "tokenizer")}
         if chosen:
             raise GispError(f"{run} is an exported model: its level is fixed, drop {', '.join(sorted(chosen))}")
@@ -464,11 +469,14 @@ def export_vllm(run: str | Path | Any, out: str | Path, *, overwrite: bool = Fal
     else:
         level.pop("gqa", None)  # the vLLM layout makes its own KV groups from the export's map form
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.hf") as tmp:
-            export(run, Path(tmp) / "hf", gqa="map", dtype=dtype, **level)
-            rec = write_vllm(Path(tmp) / "hf", out, overwrite=overwrite)
-        rec["vllm"]["source_export"] = None  # the intermediate export was temporary
-        _write_record(out / EXPORT_FILE, rec)
+        remove_stale(out)
+        work = staging_name(out)  # the intermediate HF export: our staging pattern, so a kill leaves no orphan
+        os.mkdir(work)
+        try:
+            export(run, work / "hf", gqa="map", dtype=dtype, **level)
+            rec = write_vllm(work / "hf", out, overwrite=overwrite, keep_source=False)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     v = rec["vllm"]
     return VllmExportResult(out, rec.get("step"), rec.get("sparsity"), v["params_true"], v["params_written"],
                             v["kv_heads_true"], v["kv_heads_written"], rec)

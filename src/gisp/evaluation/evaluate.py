@@ -15,6 +15,7 @@ from typing import Any
 from gisp.architectures import apply_mask
 from gisp.core.fingerprint import fingerprint
 from gisp.deploy.compensation import apply_compensation, compensation_for_step
+from gisp.deploy.levels import check_sparsity
 from gisp.errors import GispError
 from gisp.evaluation.perplexity import perplexity
 from gisp.loading import load_base_model, load_model
@@ -35,6 +36,14 @@ def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_wind
             raise GispError("task evaluation is not available in this installation of gisp") from e
         row["tasks"] = evaluate_tasks(model, tokenizer, tasks, limit=limit, progress=progress)
     return row
+
+
+def _check_window(model, window: int, ppl: str | None) -> None:
+    """A window longer than the model's context would score positions it was never trained on."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ppl and isinstance(ctx, int) and window > ctx:
+        raise GispError(f"--window {window} exceeds this model's context length of {ctx} tokens: "
+                        f"use --window {ctx} or less")
 
 
 def _decoder_linear_params(model) -> int:
@@ -64,6 +73,10 @@ def evaluate(
     """Evaluate a run directory at ``sparsities`` or a model directory/name as it is."""
     if window < 2:
         raise GispError(f"--window must be at least 2 tokens, got {window}")
+    if max_windows is not None and max_windows < 1:
+        raise GispError(f"--max-windows must be at least 1, got {max_windows}")
+    if batch_size < 1:
+        raise GispError(f"--batch-size must be at least 1, got {batch_size}")
     if not ppl and not tasks:
         raise GispError("nothing to evaluate: give --ppl SOURCE and/or --tasks")
     path = Path(target)
@@ -73,6 +86,7 @@ def evaluate(
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
         loaded = load_model(str(target), dtype=dtype, device=device)
+        _check_window(loaded.model, window, ppl)
         t0 = time.perf_counter()
         row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
                                tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
@@ -85,9 +99,10 @@ def evaluate(
     traj = Trajectory.load(path)
     levels = sorted(set(sparsities if sparsities is not None else [0.0]))
     for s in levels:
-        traj.step_at(s)  # validates the range
+        check_sparsity(traj, s)  # in [0, 1) and not above the run's last level
     loaded = load_base_model(traj.model, dtype=dtype, device=device)
     traj.check_model(loaded.model)
+    _check_window(loaded.model, window, ppl)
     result.update({"run": str(path), "model": traj.model, "calibration": traj.calibration,
                    "prune_config": traj.config, "prune_versions": traj.versions,
                    "sparsity_definition": "fraction of decoder-layer linear parameters removed"})
