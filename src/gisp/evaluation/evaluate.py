@@ -72,7 +72,8 @@ def evaluate(
                 "eval_dtype": dtype}
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
-        loaded = load_model(str(target), dtype=dtype, device=device)
+        # evaluating a model as it is needs no gisp adapter: any causal LM transformers loads will do
+        loaded = load_model(str(target), dtype=dtype, device=device, any_architecture=True)
         t0 = time.perf_counter()
         row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
                                tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
