@@ -39,11 +39,12 @@ def _evaluate_loaded(model, tokenizer, *, ppl: str | None, window: int, max_wind
 
 def _decoder_linear_params(model) -> int:
     """Weights and biases of every Linear but the LM head (the decoder layers' projections, whatever the
-    family; works for exported per-layer widths too)."""
+    family; works for exported per-layer widths too). GPT-2-style models write theirs as ``Conv1D``."""
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    return sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    return sum(p.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head
                for p in m.parameters(recurse=False))
 
 
