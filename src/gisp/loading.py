@@ -171,12 +171,12 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise GispError(f"GGUF file not found: {p}")
-        p = p.resolve()
+        p = Path(os.path.abspath(p))  # absolute, but as named: a symlink stays the user's name for it
         return str(p.parent), p.name
     if p.is_dir():
         if not (p / "config.json").exists():
             raise GispError(f"{p} is not a Hugging Face model directory (no config.json)")
-        return str(p.resolve()), None
+        return os.path.abspath(p), None
     if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise GispError(
             f"unknown model '{name}': give a Hugging Face hub id (org/name), a local model "
