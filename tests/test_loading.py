@@ -138,3 +138,13 @@ def test_an_unsupported_directory_is_refused_before_its_weights_load(tmp_path, m
     _no_weights_loaded(monkeypatch)
     with pytest.raises(GispError, match="unsupported architecture 'gpt2'"):
         loading.load_model(str(tmp_path / "gpt2"), device="cpu")
+
+
+def test_a_gguf_file_beside_an_export_config_is_the_gguf(tiny_gguf, cache, tmp_path):
+    """A .gguf in a directory that also holds a gisp export's config.json names the file, not the directory."""
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "gisp_llama"}')
+    (d / "m.gguf").write_bytes(tiny_gguf.read_bytes())
+    loaded = loading.load_model(str(d / "m.gguf"), dtype="fp32", device="cpu")
+    assert loaded.path == str(d / "m.gguf") and loaded.model.config.model_type == "llama"

@@ -241,7 +241,7 @@ def load_model(
 
     _silence_hf()
     path, gguf_file = resolve_model_path(name)
-    if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
+    if not gguf_file and _is_gisp_export(path):  # per-layer widths: gisp's classes, weights checked
         loaded = load_pretrained(path, dtype=dtype, device=device)
         loaded.name = name
         return loaded
@@ -270,9 +270,10 @@ def load_model(
             f"could not load model '{name}' ({first}); offline, use a local directory, "
             f"a .gguf file or '{DEFAULT_MODEL}'"
         ) from e
-    except ValueError as e:  # a model type this transformers does not know
+    except ValueError as e:  # a model type this transformers does not know, a config it cannot build
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise GispError(f"transformers cannot load '{name}' ({first}): a newer transformers may") from e
+        raise GispError(f"transformers cannot load '{name}' ({first}): give a causal language model this "
+                        "transformers version knows") from e
     if device_map is None:
         model.to(dev)
     model.eval()
