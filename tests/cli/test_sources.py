@@ -147,7 +147,7 @@ def test_smollm2_gguf_by_path_goes_the_whole_way(smollm2, tmp_path):
     invoke("eval", run, "--sparsity", "0,0.2", "--ppl", "wiki", "--window", 64, "--max-windows", 4,
            "--device", "cpu", "--json", out)
     dense, pruned = (r["ppl"]["ppl"] for r in json.loads(out.read_text())["rows"])
-    assert 5 < dense < 100 < 1e9 and pruned > dense  # a real pretrained model, hurt by pruning
+    assert 5 < dense < 100 and pruned > dense  # a real pretrained model, hurt by pruning
     assert "0.0000" in invoke("export", run, "--list")
     exp = tmp_path / "smol-20"
     invoke("export", run, "--sparsity", 0.2, "--out", exp)
