@@ -82,3 +82,46 @@ def tiny_dir(tmp_path_factory, smollm2) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     return out
+
+
+# --- tiny models on disk, named every way a user can name a model ------------------------------------------
+
+_BPE_TEXT = [
+    "The quick brown fox jumps over the lazy dog. A model of the language reads text and predicts the next word.",
+    "In the beginning of the year the city council met to discuss the new park, the roads and the schools.",
+    "Water boils at one hundred degrees; the history of science is a history of measurement and of error.",
+]
+
+
+def byte_bpe_tokenizer(vocab: int = 300):
+    """A byte-level BPE tokenizer of ``vocab`` tokens, trained in milliseconds: reads any text, is written to
+    GGUF by gisp's writer, and transformers converts it back from a GGUF in milliseconds (SmolLM2's 49k
+    tokens take half a minute)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_BPE_TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny(out: Path, model, tokenizer) -> Path:
+    """``model`` and ``tokenizer`` as a Hugging Face directory."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama (4 layers, GQA) with a byte-level BPE tokenizer as a GGUF file that transformers loads."""
+    from gisp.deploy.gguf import write_gguf
+
+    tok = byte_bpe_tokenizer()
+    model = tiny_model("llama", 2, seed=seed, vocab=len(tok))
+    hf = save_tiny(path.with_name(f"{path.stem}.hf{seed}"), model, tok)  # the writer reads the tokenizer here
+    write_gguf(model, path, tokenizer_dir=hf, name=f"tiny-{seed}")
+    return path

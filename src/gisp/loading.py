@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gisp.architectures import architecture_class
+from gisp.architectures import architecture_class, is_supported
 from gisp.architectures.checkpoints import check_weights_match_config
 from gisp.core.assets import package_dir
+from gisp.core.gguf_file import read_gguf_header
 from gisp.errors import GispError
 from gisp.provenance import make_final
 
@@ -79,35 +80,99 @@ def _silence_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF file to a Hugging Face safetensors directory, atomically."""
+def _convert_gguf(gguf: Path, out: Path, sha256: str | None = None) -> Path:
+    """Dequantise a GGUF file to a Hugging Face safetensors directory, atomically.
+
+    The directory appears complete or not at all (written beside it, then renamed); when another
+    process renamed its copy first, that copy is kept.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers' GGUF reader: unsupported tensors, damaged data, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GispError(f"could not convert {gguf} to a Hugging Face model ({first}): check the file, or give "
+                        "the model as a Hugging Face directory") from e
     # The dequantised model is plain fp32: drop the GGUF quantisation marker so it saves.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256}))
         make_final(tmp, directory=True)  # the umask's mode, not mkdtemp's 0700
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists() and not (out / "config.json").is_file():
+            shutil.rmtree(out)  # an incomplete directory from an older gisp
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def gguf_hf_dir(gguf: Path) -> Path:
+    """The Hugging Face directory a GGUF file converts to, converted once per file content.
+
+    Entries are keyed by the SHA-256 of the whole file (about 0.5 s for 100 MB, a few seconds for
+    a 2.7 GB file, against a minute to dequantise it): two different files never share an entry,
+    a changed file converts again, and the same file under another name or path reuses its entry.
+    """
+    sha = _file_sha256(gguf)
+    target = cache_dir() / "gguf" / sha
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(gguf, target, sha)
+
+
+def gguf_model_type(gguf: Path, *, any_architecture: bool = False) -> str:
+    """The model type of a GGUF file, from its header alone: refuses what gisp (or, with
+    ``any_architecture``, transformers) cannot use before a minute of dequantising."""
+    header = read_gguf_header(gguf)
+    if is_supported(header.model_type):
+        return header.model_type
+    if not any_architecture:
+        architecture_class(header.model_type)  # the one-line refusal naming the supported families
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if header.architecture not in set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}:
+        raise GispError(f"{gguf} holds a '{header.architecture}' model, which transformers cannot read from GGUF: "
+                        "give it as a Hugging Face directory")
+    return header.model_type
+
+
+def _check_architecture(model_type: str | None, name: str, any_architecture: bool) -> None:
+    """Pruning needs gisp's adapter for the family; evaluating needs only a transformers causal LM."""
+    if is_supported(model_type):
+        return
+    if not any_architecture:
+        architecture_class(model_type)  # raises the one-line refusal
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise GispError(f"'{name}' is a '{model_type}' model, which transformers cannot load as a causal "
+                        "language model")
+
+
 def resolve_model_path(name: str) -> tuple[str, str | None]:
-    """Map a user's model name to (path-or-hub-id, gguf_file)."""
+    """Map a user's model name to (path-or-hub-id, gguf_file); local paths come back absolute, so a run
+    that records them reloads its model from any working directory."""
     if name in _ALIASES:
         package, fname = _ALIASES[name]
         target = cache_dir() / name
@@ -118,11 +183,12 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise GispError(f"GGUF file not found: {p}")
+        p = Path(os.path.abspath(p))  # absolute, but as named: a symlink stays the user's name for it
         return str(p.parent), p.name
     if p.is_dir():
         if not (p / "config.json").exists():
             raise GispError(f"{p} is not a Hugging Face model directory (no config.json)")
-        return str(p), None
+        return os.path.abspath(p), None
     if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise GispError(
             f"unknown model '{name}': give a Hugging Face hub id (org/name), a local model "
@@ -210,18 +276,29 @@ class LoadedModel:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None
+    name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None,
+    any_architecture: bool = False,
 ) -> LoadedModel:
-    """Load a supported causal LM and its tokenizer, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM gisp can prune (or, with ``any_architecture``, any transformers causal LM, for
+    evaluation) and its tokenizer, in eval mode.
+
+    A ``.gguf`` file is converted once per content into ``$GISP_CACHE/gguf`` (see :func:`gguf_hf_dir`)
+    after its header was checked; the loaded model's ``path`` stays the file, which is what runs record.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
     dev = resolve_device(device)  # before any work: a bad --device fails at once
     path, gguf_file = resolve_model_path(name)
-    if _is_gisp_export(path):  # per-layer widths: gisp's registered classes, weights checked against config
+    if not gguf_file and _is_gisp_export(path):  # per-layer widths: gisp's classes, weights checked
         loaded = load_pretrained(path, dtype=dtype, device=device)
         loaded.name = name
         return loaded
+    source = path
+    if gguf_file:
+        source = str(Path(path) / gguf_file)
+        gguf_model_type(Path(source), any_architecture=any_architecture)
+        path = str(gguf_hf_dir(Path(source)))
     is_hub_id = not Path(path).exists()
     if is_hub_id and not _is_cached(path) and not _hub_reachable():
         raise GispError(
@@ -229,29 +306,29 @@ def load_model(
             f"use a local model directory, a .gguf file or '{DEFAULT_MODEL}'"
         )
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if not gguf_file and (Path(path) / EXPORT_RECORD).is_file():  # a plain gisp export: checked like the others
         check_weights_match_config(path)
     try:
-        if gguf_file:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map, **kwargs)
-        else:
-            model = from_pretrained_checked(path, name, dtype=torch_dtype, device_map=device_map)
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path)
+        # the config alone says whether gisp can use the model: refuse before loading any weights
+        _check_architecture(getattr(config, "model_type", None), name, any_architecture)
+        model = from_pretrained_checked(path, name, dtype=torch_dtype, device_map=device_map)
+        tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GispError(
             f"could not load model '{name}' ({first}); offline, use a local directory, "
             f"a .gguf file or '{DEFAULT_MODEL}'"
         ) from e
-    architecture_class(model.config.model_type)  # fail early on unsupported architectures
-    if gguf_file:
-        model.hf_quantizer = None
+    except ValueError as e:  # a model type this transformers does not know, a config it cannot build
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GispError(f"transformers cannot load '{name}' ({first}): give a causal language model this "
+                        "transformers version knows") from e
     if device_map is None:
         model.to(dev)
     model.eval()
     # A GGUF model is its file (runs record this path and reload the base model from it).
-    return LoadedModel(model, tok, name, str(Path(path) / gguf_file) if gguf_file else path)
+    return LoadedModel(model, tok, name, source)
 
 
 def load_base_model(model_info: dict[str, Any], *, dtype: str | None = None, device: str = "cpu") -> LoadedModel:

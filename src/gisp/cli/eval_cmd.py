@@ -44,7 +44,8 @@ def results_table(result: dict) -> Table:
 
 @app.command("eval")
 def eval_command(
-    target: str = typer.Argument(..., help="A run directory (from gisp prune) or a model (directory, hub id, alias)."),
+    target: str = typer.Argument(..., help="A run directory (from gisp prune) or a model (directory, hub id, "
+                                 ".gguf, alias) of any causal LM architecture transformers loads."),
     sparsity: str = typer.Option("0", help="Comma-separated sparsities to evaluate a run at, e.g. 0,0.2,0.5."),
     ppl: str = typer.Option("wiki", help="Perplexity source (eval part): wiki, c4, FILE, hf:...; '' to skip."),
     window: int = typer.Option(128, help="Tokens per non-overlapping window (peers' protocol: 128)."),

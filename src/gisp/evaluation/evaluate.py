@@ -48,11 +48,12 @@ def _check_window(model, window: int, ppl: str | None) -> None:
 
 def _decoder_linear_params(model) -> int:
     """Weights and biases of every Linear but the LM head (the decoder layers' projections, whatever the
-    family; works for exported per-layer widths too)."""
+    family; works for exported per-layer widths too). GPT-2-style models write theirs as ``Conv1D``."""
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    return sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    return sum(p.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head
                for p in m.parameters(recurse=False))
 
 
@@ -85,7 +86,8 @@ def evaluate(
                 "eval_dtype": dtype}
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
-        loaded = load_model(str(target), dtype=dtype, device=device)
+        # evaluating a model as it is needs no gisp adapter: any causal LM transformers loads will do
+        loaded = load_model(str(target), dtype=dtype, device=device, any_architecture=True)
         _check_window(loaded.model, window, ppl)
         t0 = time.perf_counter()
         row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
