@@ -165,7 +165,7 @@ def load_model(
     name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto", device_map: str | None = None
 ) -> LoadedModel:
     """Load a supported causal LM and its tokenizer, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _silence_hf()
     path, gguf_file = resolve_model_path(name)
@@ -186,7 +186,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, device_map=device_map, **kwargs
         )
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        tok = _load_tokenizer(path, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GispError(
@@ -232,9 +232,17 @@ def load_pretrained(path: str | Path, *, dtype: str = "auto", device: str = "aut
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
     model.to(dev).eval()
-    tok = None
-    if tokenizer and any(path.glob("tokenizer*")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
+    tok = _load_tokenizer(path) if tokenizer and any(path.glob("tokenizer*")) else None
     return LoadedModel(model, tok, str(path), str(path))
+
+
+def _load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
+    """The tokenizer saved with a model; one line when its files are incomplete (say tokenizer.json deleted)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as e:  # e.g. only tokenizer_config.json left: transformers wants a converter
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise GispError(f"could not load the tokenizer of {path} ({first}): copy the base model's tokenizer "
+                        "files (tokenizer.json, tokenizer_config.json) into it") from e

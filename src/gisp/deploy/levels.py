@@ -233,6 +233,8 @@ def levels(
     run_dir: str | Path | None = None,
 ) -> list[ExportLevel]:
     """Every step of the run as an exportable model: sparsity, parameters, bytes (and ppl if known)."""
+    if round_to is not None and round_to < 1:
+        raise GispError(f"--round-to must be a positive width (1: no rounding), got {round_to}")
     layout = traj.layout
     ranking = Ranking.from_trajectory(traj, model if uniform else None) if (uniform or round_to) else None
     elem = torch.empty(0, dtype=dtype or next(model.parameters()).dtype).element_size()

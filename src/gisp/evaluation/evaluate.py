@@ -72,6 +72,9 @@ def evaluate(
                 "eval_dtype": dtype}
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
+        if any(s != 0.0 for s in sparsities or ()):
+            raise GispError(f"{target} is a model, not a pruning run: it is evaluated as it is, so leave out "
+                            "--sparsity (levels apply to runs)")
         loaded = load_model(str(target), dtype=dtype, device=device)
         t0 = time.perf_counter()
         row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
