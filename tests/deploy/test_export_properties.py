@@ -181,3 +181,17 @@ def test_damaged_export(world, data, which, source):
             problems.append(f"exit 0 with a result that differs from the intact export's ({what})")
         o.args.append(f"# {source}: {what}")
         judge(f"damaged export ({which})", o, problems, tags)
+
+
+@pytest.mark.parametrize("head_dim", [0, -1])
+def test_impossible_config_width_is_one_line(world, head_dim):
+    """A per-layer export whose config.json gives a width no model can have: exit 2, one line (was a traceback)."""
+    with scratch(world) as tmp:
+        export = tmp / "export"
+        shutil.copytree(world.export, export)
+        cfg = json.loads((export / "config.json").read_text())
+        cfg["head_dim"] = head_dim
+        (export / "config.json").write_text(json.dumps(cfg))
+        o = invoke("eval", export, "--ppl", world.text, "--window", 16, "--max-windows", 2, "--device", "cpu")
+    assert o.code == 2 and not rule_violations(o, expect_error=True), o.stderr
+    assert "can be built" in o.error_line
