@@ -123,12 +123,13 @@ def judge(prop: str, o: Outcome, problems: list[str], tags: set[str] = frozenset
     fig["cases"] += 1
     fig["exit0"] += o.code == 0
     fig["exit2"] += o.code == 2
-    if not problems:
-        return
     known = sorted(set(tags) & KNOWN_OPEN.keys())
-    fig["violations"].append({"args": o.args, "exit": o.code, "problems": problems, "known_open": known,
-                              "error_line": o.error_line or _last_line(o.stderr)})
-    if known:
+    if problems:
+        fig["violations"].append({"args": o.args, "exit": o.code, "problems": problems, "known_open": known,
+                                  "error_line": o.error_line or _last_line(o.stderr)})
+    if os.environ.get("GISP_FUZZ_REPORT"):  # kept current, so a long run cut short still has its figures
+        write_figures(os.environ["GISP_FUZZ_REPORT"])
+    if not problems or known:
         return
     raise AssertionError(f"gisp {' '.join(o.args)} -> exit {o.code}: " + "; ".join(problems)
                          + f"\n--- stderr ---\n{o.stderr[-3000:]}")

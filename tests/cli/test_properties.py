@@ -309,8 +309,9 @@ def test_export_options(world, case):
 
     def check(o, tmp, resolve):
         out, fmt = Path(resolve(case.options["--out"])), case.options["--format"]
-        if fmt == "gguf":
-            return [] if out.is_file() and is_gguf(out) else [f"no GGUF file at {out}"]
+        if fmt == "gguf":  # --out a directory: the file goes inside it
+            files = sorted(out.glob("*.gguf")) if out.is_dir() else [out]
+            return [] if len(files) == 1 and files[0].is_file() and is_gguf(files[0]) else [f"no GGUF file at {out}"]
         problems = [f"{out} lacks {f}" for f in ("config.json", "gisp_export.json") if not (out / f).is_file()]
         if not list(out.glob("*.safetensors")):
             problems.append(f"{out} has no safetensors")
