@@ -125,3 +125,38 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     hf = save_tiny(path.with_name(f"{path.stem}.hf{seed}"), model, tok)  # the writer reads the tokenizer here
     write_gguf(model, path, tokenizer_dir=hf, name=f"tiny-{seed}")
     return path
+
+
+# property tests (hypothesis): bounded and reproducible in `make test`, longer with GISP_HYPOTHESIS_PROFILE=long
+def _hypothesis_profiles() -> None:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                          HealthCheck.filter_too_much]}
+    settings.register_profile("ci", max_examples=20, derandomize=True, database=None, print_blob=True, **common)
+    settings.register_profile("long", max_examples=200, derandomize=False, database=None, print_blob=True, **common)
+    settings.load_profile(os.environ.get("GISP_HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The property tests' tiny model, run and exports (tests/properties.py), built once per session."""
+    from tests.properties import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """GISP_FUZZ_REPORT=FILE: write the property tests' figures (cases, exits, violations) there."""
+    import os
+
+    path = os.environ.get("GISP_FUZZ_REPORT")
+    if path:
+        from tests.properties import write_figures
+
+        write_figures(path)

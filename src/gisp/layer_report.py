@@ -179,16 +179,26 @@ def markdown(rep: LayerReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _make_dir(path: Path) -> None:
+    """``path`` as a directory to write into, or one line saying why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise GispError(f"--out {path} is a file: give a directory for the report")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GispError(f"cannot create --out {path} ({e.strerror}): choose another directory") from e
+
+
 def write_layer_report(run: str | Path, sparsities: list[float] | None = None, out: str | Path | None = None,
                        plots: bool = True) -> LayerReport:
     """Per-layer kept fractions of a run at ``sparsities``, plots, markdown and JSON (default: in the run)."""
     traj = Trajectory.load(run)
     out_dir = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layout = traj.layout
     levels = [level_layers(traj, traj.mask_at_step(step), s, step) for s, step in _levels(traj, sparsities)]
     if not levels:
         raise GispError(f"{run} has no pruned level to report")
+    _make_dir(out_dir)
     method = traj.config.get("method", "gisp")
     rep = LayerReport(str(run), str(traj.model.get("name")), sorted(layout.protected), levels)
     for lv in levels:

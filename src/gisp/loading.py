@@ -285,7 +285,7 @@ def load_model(
     A ``.gguf`` file is converted once per content into ``$GISP_CACHE/gguf`` (see :func:`gguf_hf_dir`)
     after its header was checked; the loaded model's ``path`` stays the file, which is what runs record.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     _silence_hf()
     dev = resolve_device(device)  # before any work: a bad --device fails at once
@@ -313,7 +313,7 @@ def load_model(
         # the config alone says whether gisp can use the model: refuse before loading any weights
         _check_architecture(getattr(config, "model_type", None), name, any_architecture)
         model = from_pretrained_checked(path, name, dtype=torch_dtype, device_map=device_map)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _load_tokenizer(path)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GispError(
@@ -358,9 +358,17 @@ def load_pretrained(path: str | Path, *, dtype: str = "auto", device: str = "aut
     dev = resolve_device(device)
     model = from_pretrained_checked(path, str(path), dtype=resolve_dtype(dtype, dev))
     model.to(dev).eval()
-    tok = None
-    if tokenizer and any(path.glob("tokenizer*")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
+    tok = _load_tokenizer(path) if tokenizer and any(path.glob("tokenizer*")) else None
     return LoadedModel(model, tok, str(path), str(path))
+
+
+def _load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
+    """The tokenizer saved with a model; one line when its files are incomplete (say tokenizer.json deleted)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as e:  # e.g. only tokenizer_config.json left: transformers wants a converter
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise GispError(f"could not load the tokenizer of {path} ({first}): copy the base model's tokenizer "
+                        "files (tokenizer.json, tokenizer_config.json) into it") from e

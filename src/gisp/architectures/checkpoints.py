@@ -50,8 +50,13 @@ def check_weights_match_config(path: str | Path) -> None:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise GispError(f"{path}/config.json is not a valid model config ({first}): re-export the model") from e
-    with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # widths a model cannot have (head_dim 0, negative sizes, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise GispError(f"{path}/config.json does not describe a model that can be built ({first}): "
+                        "re-export the model") from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     found = _safetensors_shapes(path)

@@ -73,7 +73,7 @@ def compare_command(
         tasks=[t for t in tasks.split(",") if t], limit=limit or None, autocast=autocast, dtype=dtype,
         device=device, batch_size=batch_size, task_calib=task_calib,
     )
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # one log line per message
     command = "gisp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = compare(cfg, command=command, log=lambda msg: err.print(f"[bold]compare[/] {msg}"))
     Console().print(results_table(results))

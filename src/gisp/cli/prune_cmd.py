@@ -36,7 +36,7 @@ def run_prune(model_name: str, out: Path, config: PruneConfig, *, dtype: str, de
         raise GispError("--device-map and several processes cannot be combined yet: use one or the other")
     if not resume and not distributed.active() and (out / FILENAME).exists():  # before loading anything
         raise GispError(f"{out} already holds a pruning run: pass --resume to continue it or use another --out")
-    console = Console(stderr=True, quiet=not distributed.is_main())
+    console = Console(stderr=True, quiet=not distributed.is_main(), soft_wrap=True)  # log lines stay whole
     console.print(f"[bold]gisp prune[/] {model_name}: target {config.target} ({config.schedule_unit}), "
                   f"{config.steps} steps, objective {config.objective} on {config.calib}"
                   + (f", {distributed.world_size()} processes" if distributed.active() else ""))

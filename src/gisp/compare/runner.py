@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -175,11 +176,22 @@ def compare(cfg: CompareConfig, *, progress: bool = True, command: str | None = 
     the demo and tests pass a model they already hold.
     """
     store = Store(cfg.out)
-    store.root.mkdir(parents=True, exist_ok=True)
-    _check_settings(store, cfg)
-    todo = [(m, s) for m in cfg.methods for s in cfg.sparsities if store.row(m, s) is None]
-    if store.row("dense", None) is None or todo:
-        _run(cfg, store, todo, progress, log, loaded)
+    fresh = not store.root.exists()
+    if not fresh and not store.root.is_dir():
+        raise GispError(f"--out {store.root} is a file: give a directory for the comparison")
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GispError(f"cannot create --out {store.root} ({e.strerror}): choose another directory") from e
+    try:
+        _check_settings(store, cfg)
+        todo = [(m, s) for m in cfg.methods for s in cfg.sparsities if store.row(m, s) is None]
+        if store.row("dense", None) is None or todo:
+            _run(cfg, store, todo, progress, log, loaded)
+    except GispError:
+        if fresh and not any((store.root / d).exists() for d in ("rows", "methods")):
+            shutil.rmtree(store.root, ignore_errors=True)  # failed before its first result: leave nothing behind
+        raise
     results = assemble(cfg, store, command)
     write_outputs(results, store.root)
     return results

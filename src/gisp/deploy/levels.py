@@ -347,6 +347,8 @@ def levels(
     ``uniform``: one shape for every layer (a plain checkpoint): ``True``/``"keep"`` keeps every
     structure of the level (:func:`uniform_keep_mask`), ``"cut"`` matches the level's size by cutting
     (:func:`uniform_shape_mask`)."""
+    if round_to is not None and round_to < 1:
+        raise GispError(f"--round-to must be a positive width (1: no rounding), got {round_to}")
     layout = traj.layout
     rule = uniform_rule(uniform)
     ranking = Ranking.from_trajectory(traj, model if rule == "cut" else None) if (rule or round_to) else None

@@ -334,6 +334,17 @@ the padding this format needs and the true parameter count.
 """
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """An export's JSON file, or one line saying it is damaged."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GispError(f"{path} is not valid JSON ({e}): re-export the model") from e
+    if not isinstance(d, dict):
+        raise GispError(f"{path} does not hold a JSON object: re-export the model")
+    return d
+
+
 def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = False,
                dtype: str | None = None, keep_source: bool = True) -> dict[str, Any]:
     """Write the vLLM directory for a Hugging Face export (gisp per-layer or plain); returns its record.
@@ -347,7 +358,7 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
     out = check_output_dir(out, overwrite=overwrite, inputs=[src])
     if not (src / "config.json").is_file():
         raise GispError(f"{src} is neither a pruning run nor an exported model directory")
-    config = json.loads((src / "config.json").read_text())
+    config = _read_json(src / "config.json")
     if config.get("model_type") == MODEL_TYPE:
         raise GispError(f"{src} is already a vLLM export")
     arch, fam = family_of(config)
@@ -372,7 +383,7 @@ def write_vllm(hf_export: str | Path, out: str | Path, *, overwrite: bool = Fals
     cfg = _decilm_config(config, arch, fam, plan)
     cfg.dtype = str(next(iter(padded.values())).dtype).replace("torch.", "")
 
-    record = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
+    record = _read_json(src / EXPORT_FILE) if (src / EXPORT_FILE).is_file() else {}
     kv_true = sum(s["kv_heads"] for s in specs)
     kv_written = sum(len(lay.kv_slots) for lay in plan.layers if lay.attention)
     record["vllm"] = {

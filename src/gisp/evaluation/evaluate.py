@@ -86,6 +86,9 @@ def evaluate(
                 "eval_dtype": dtype}
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
+        if any(s != 0.0 for s in sparsities or ()):
+            raise GispError(f"{target} is a model, not a pruning run: it is evaluated as it is, so leave out "
+                            "--sparsity (levels apply to runs)")
         # evaluating a model as it is needs no gisp adapter: any causal LM transformers loads will do
         loaded = load_model(str(target), dtype=dtype, device=device, any_architecture=True)
         _check_window(loaded.model, window, ppl)
