@@ -181,7 +181,7 @@ def test_export_loads_and_equals_the_reconstructed_masked_model(method, run, tmp
     res = export(run, tmp_path / "e", sparsity=0.3, reconstruct=method)
     rec = res.record["reconstruction"]
     assert rec["method"] == method and rec["calibration"]["name"] == "c4" and rec["calibration"]["part"] == "calib"
-    assert rec["calibration"]["samples"] == 6 and rec["calibration"]["seq_len"] == 32 and rec["damping"] == 0.01
+    assert rec["calibration"]["samples"] == 6 and rec["calibration"]["seq_len"] == 32 and rec["damping"] == 1.0
     assert rec["calibration"]["from"] == {"source": "run", "samples": "run", "seq_len": "run", "seed": "run"}
     assert json.loads((res.path / "gisp_export.json").read_text())["reconstruction"]["method"] == method
     slim = load_pretrained(res.path, dtype="fp32", device="cpu", tokenizer=False).model

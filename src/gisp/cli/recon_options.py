@@ -22,7 +22,7 @@ class ReconOptions:
     recon_seed: int | None = None
     """Seed of the reconstruction windows (default: the run's)."""
     recon_damping: float | None = None
-    """Ridge toward the plain masked weights, times the mean diagonal of X^T X (default 0.01)."""
+    """Ridge toward the plain masked weights, times the mean diagonal of X^T X (default 1.0)."""
 
     def options(self) -> dict[str, Any] | None:
         """What :class:`gisp.deploy.reconstruct.LevelReconstructor` takes (None without --reconstruct)."""
