@@ -206,3 +206,25 @@ def test_task_aligned_gisp_calibrates_on_multiple_choice(tmp_path):
     rows = {r["method"]: r for r in res["rows"]}
     assert 0.1 < rows["gisp"]["sparsity"] <= 0.2 and 0.1 < rows["gisp-margin"]["sparsity"] <= 0.2  # coarse tiny model
     assert "Calibration of `gisp-margin`" in (tmp_path / "results.md").read_text()
+
+
+def test_reconstruct_adds_rows_next_to_each_method(tmp_path):
+    """--reconstruct lsq: every masked level also as METHOD+lsq (FLAP's own compensation replaced), same protocol;
+    adding it to a finished comparison prunes nothing again."""
+    out = tmp_path / "r"
+    compare(config(out, methods=["magnitude", "flap"], sparsities=[0.4]), progress=False, log=lambda m: None,
+            loaded=loaded())
+    calls = []
+    res = compare(config(out, methods=["magnitude", "flap"], sparsities=[0.4], reconstruct=["lsq", "bias"]),
+                  progress=False, log=calls.append, loaded=loaded())
+    assert not any("pruning" in c for c in calls)
+    by = {r["method"]: r for r in res["rows"]}
+    assert set(by) == {"magnitude", "magnitude+lsq", "magnitude+bias", "flap", "flap+lsq", "flap+bias"}
+    assert res["complete"] and set(res["methods"]) == set(by)
+    assert by["magnitude+lsq"]["reconstruction"]["method"] == "lsq" and not by["magnitude+lsq"]["compensated"]
+    assert by["magnitude+bias"]["compensated"] and by["flap"]["compensated"]
+    assert by["magnitude+lsq"]["sparsity"] == by["magnitude"]["sparsity"]
+    assert by["magnitude+lsq"]["ppl"]["ppl"] != by["magnitude"]["ppl"]["ppl"]
+    # FLAP's compensation is the bias reconstruction of its own masks on the same calibration windows
+    assert by["flap+bias"]["ppl"]["ppl"] == pytest.approx(by["flap"]["ppl"]["ppl"], rel=1e-4)
+    assert "magnitude+lsq" in (out / "results.md").read_text()

@@ -60,6 +60,8 @@ def compare_command(
     batch_size: int = typer.Option(_D.batch_size, help="Windows per forward pass (memory only)."),
     task_calib: str = typer.Option(_D.task_calib, help="Calibration of task-aligned methods (gisp-margin): cmqa, "
                                    "a task name or a JSONL of {context, choices, answer}."),
+    reconstruct: str = typer.Option("", help="Comma-separated training-free reconstructions applied to every "
+                                    "masked level (bias, lsq, lsq-bias): rows METHOD+RECON next to the plain ones."),
 ) -> None:
     """Prune MODEL with every method to every sparsity and evaluate all of them the same way."""
     from gisp.compare.runner import compare
@@ -72,6 +74,7 @@ def compare_command(
         seq_len=seq_len, seed=seed, steps=steps, ppl=ppl, window=window, max_windows=max_windows,
         tasks=[t for t in tasks.split(",") if t], limit=limit or None, autocast=autocast, dtype=dtype,
         device=device, batch_size=batch_size, task_calib=task_calib,
+        reconstruct=[r.strip() for r in reconstruct.split(",") if r.strip()],
     )
     err = Console(stderr=True, soft_wrap=True)  # one log line per message
     command = "gisp " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gisp.cli.app import app
-from gisp.cli.common import parse_floats
+from gisp.cli.common import parse_floats, with_config
+from gisp.cli.recon_options import ReconOptions
 from gisp.provenance import atomic_write_json
 
 
@@ -43,6 +44,7 @@ def results_table(result: dict) -> Table:
 
 
 @app.command("eval")
+@with_config(ReconOptions, param="recon")
 def eval_command(
     target: str = typer.Argument(..., help="A run directory (from gisp prune) or a model (directory, hub id, "
                                  ".gguf, alias) of any causal LM architecture transformers loads."),
@@ -56,6 +58,8 @@ def eval_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     json_out: Path = typer.Option(None, "--json", help="Also write the full result (with provenance) here."),
+    *,
+    recon: ReconOptions,
 ) -> None:
     """Evaluate a pruning run at several sparsities from its one trajectory, or a model as it is."""
     from gisp.evaluation.evaluate import evaluate
@@ -66,9 +70,14 @@ def eval_command(
     result = evaluate(
         target, parse_floats(sparsity), ppl=ppl or None, window=window, max_windows=max_windows,
         tasks=[t for t in tasks.split(",") if t] or None, limit=limit or None, dtype=dtype, device=device,
-        batch_size=batch_size,
+        batch_size=batch_size, reconstruct=recon.reconstruct, recon_options=recon.options(),
     )
     Console().print(results_table(result))
+    if recon.reconstruct:
+        from gisp.cli.export_cmd import recon_line
+
+        for r in result["rows"]:
+            Console().print(f"step {r['step']}: {recon_line(r['reconstruction'])}")
     if json_out:
         atomic_write_json(json_out, result)
         Console().print(f"results with provenance: {json_out}")

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gisp.cli.app import app
-from gisp.cli.common import parse_floats
+from gisp.cli.common import parse_floats, with_config
+from gisp.cli.recon_options import ReconOptions
 from gisp.errors import GispError
 
 
@@ -24,6 +25,7 @@ def levels_table(rows: list, title: str) -> Table:
 
 
 @app.command("export")
+@with_config(ReconOptions, param="recon")
 def export_command(
     run: Path = typer.Argument(..., help="A run directory written by gisp prune (gguf, vllm: or an export directory)."),
     out: Path = typer.Option(None, "--out", help="Directory to write (new or empty); a .gguf file for gguf."),
@@ -43,6 +45,8 @@ def export_command(
     fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory), gguf (files for llama.cpp) or "
                             "vllm (for vLLM's DeciLMForCausalLM: vllm serve DIR, gisp installed next to it)."),
     outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
+    *,
+    recon: ReconOptions,
 ) -> None:
     """Slice a run's base model to one level: smaller, exact, loadable with from_pretrained."""
     if uniform and uniform_cut:
@@ -70,7 +74,7 @@ def export_command(
             raise GispError("--dtype sets the weights of --format hf; for gguf give --outtype f32, f16, bf16 or q8_0")
         return gguf_export_command(run, out, sparsity=sparsity, step=step, max_params=max_params,
                                    max_size_gb=max_size_gb, outtype=outtype, gqa=gqa, round_to=round_to,
-                                   uniform=uniform, overwrite=overwrite)
+                                   uniform=uniform, overwrite=overwrite, recon=recon)
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
     if fmt == "vllm":
@@ -78,7 +82,8 @@ def export_command(
 
         one = parse_floats(sparsity)[0] if sparsity is not None else None
         v = export_vllm(run, out, sparsity=one, step=step, max_params=max_params, max_size_gb=max_size_gb,
-                        round_to=round_to, uniform=uniform, dtype=dtype, overwrite=overwrite)
+                        round_to=round_to, uniform=uniform, dtype=dtype, overwrite=overwrite,
+                        **_recon_kwargs(recon))
         level = "" if v.step is None else f"step {v.step} (sparsity {v.sparsity:.4f}) "
         Console().print(f"exported {level}for vLLM to {v.path}: {v.params_true:,} params "
                         f"({v.params_written:,} written, {v.params_written - v.params_true:+,} padding; KV heads "
@@ -92,7 +97,8 @@ def export_command(
             raise GispError("--format hf exports one level: give one --sparsity (several work with --format gguf)")
         sparsity = values[0]
     res = export(run, out, sparsity=sparsity, step=step, max_params=max_params, max_size_gb=max_size_gb,
-                 round_to=round_to, uniform=uniform, gqa=gqa, dtype=dtype, overwrite=overwrite)
+                 round_to=round_to, uniform=uniform, gqa=gqa, dtype=dtype, overwrite=overwrite,
+                 **_recon_kwargs(recon))
     console = Console()
     fmt = f"plain {res.model_type}" if res.plain else f"{res.model_type} (per-layer widths; needs 'import gisp')"
     console.print(f"exported step {res.step} (sparsity {res.sparsity:.4f}) to {res.path}: {res.params:,} params, "
@@ -100,6 +106,8 @@ def export_command(
     if res.record.get("compensation"):
         console.print("bias compensation written as o/down projection biases "
                       f"(from {res.record['compensation']['file']})")
+    if res.record.get("reconstruction"):
+        console.print(recon_line(res.record["reconstruction"]))
     if res.adjustment:
         print_adjustment(res.adjustment, res.step)
 
@@ -119,7 +127,7 @@ def print_adjustment(a: dict, step: int) -> None:
 
 def gguf_export_command(run: Path, out: Path | None, *, sparsity: str | None, step: int | None, max_params: str | None,
                max_size_gb: float | None, outtype: str, gqa: str, round_to: int | None, uniform: bool,
-               overwrite: bool) -> None:
+               overwrite: bool, recon: ReconOptions | None = None) -> None:
     """``gisp export ... --format gguf``: write the files and print one line each."""
     from gisp.deploy.gguf import export_gguf
 
@@ -127,7 +135,8 @@ def gguf_export_command(run: Path, out: Path | None, *, sparsity: str | None, st
         raise GispError("give --out FILE.gguf (or a directory / a name with {sparsity} for several levels)")
     values = parse_floats(sparsity) if sparsity is not None else None
     results = export_gguf(run, out, sparsity=values, step=step, max_params=max_params, max_size_gb=max_size_gb,
-                          outtype=outtype, gqa=gqa, round_to=round_to, uniform=uniform, overwrite=overwrite)
+                          outtype=outtype, gqa=gqa, round_to=round_to, uniform=uniform, overwrite=overwrite,
+                          **_recon_kwargs(recon))
     console = Console()
     for r in results:
         level = "" if r.step is None else f"step {r.step} (sparsity {r.sparsity:.4f}) "
@@ -135,3 +144,17 @@ def gguf_export_command(run: Path, out: Path | None, *, sparsity: str | None, st
         console.print(f"wrote {level}to {r.path}: {r.arch} ({shape}), {r.outtype}, {r.size_bytes / 1e6:.1f} MB")
         for note in r.notes:
             console.print(f"  note: {note}")
+
+
+def _recon_kwargs(recon: ReconOptions | None) -> dict:
+    """``reconstruct``/``recon_options`` for the export functions (nothing without --reconstruct)."""
+    if recon is None or recon.reconstruct is None:
+        return {}
+    return {"reconstruct": recon.reconstruct, "recon_options": recon.options()}
+
+
+def recon_line(r: dict) -> str:
+    """One line saying how a level was reconstructed."""
+    c = r.get("calibration") or {}
+    return (f"reconstructed with {r['method']} (damping {r['damping']}) on {c.get('name')} {c.get('part')} part, "
+            f"{c.get('samples')} x {c.get('seq_len')} tokens, seed {c.get('seed')}: {r['seconds']:.1f} s")

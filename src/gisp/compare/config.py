@@ -11,7 +11,8 @@ from gisp.loading import DEFAULT_MODEL
 DEFAULT_METHODS = ["gisp", "oneshot", "wanda-sp", "flap", "llm-pruner", "owl", "shortgpt", "magnitude", "random"]
 
 # settings that change numbers; the rest (methods, sparsities, device, batch size) may differ on a later call
-_FREE = {"methods", "sparsities", "device", "batch_size", "out"}
+_FREE = {"methods", "sparsities", "device", "batch_size", "out", "reconstruct"}
+RECONSTRUCT = ("bias", "lsq", "lsq-bias")  # gisp.deploy.reconstruct.RECONSTRUCTORS (kept light here)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class CompareConfig:
     task_calib: str = "cmqa"
     """Calibration source of task-aligned methods (``gisp-margin``): multiple-choice questions with the
     same token budget (``calib_samples`` x ``seq_len``); every other method calibrates on ``calib`` windows."""
+    reconstruct: list[str] = field(default_factory=list)
+    """Training-free reconstructions (bias, lsq, lsq-bias) applied to every masked level: each gives the rows
+    ``METHOD+RECON`` next to the plain ones, on the shared ``calib`` windows."""
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -61,8 +65,17 @@ class CompareConfig:
             raise GispError(f"--max-windows must be at least 1, got {self.max_windows}")
         if self.calib_samples < 1 or self.seq_len < 2:
             raise GispError("--calib-samples must be >= 1 and --seq-len >= 2")
+        for r in self.reconstruct:
+            if r not in RECONSTRUCT:
+                raise GispError(f"unknown --reconstruct '{r}': use {', '.join(RECONSTRUCT)}")
+        if len(set(self.reconstruct)) != len(self.reconstruct):
+            raise GispError("--reconstruct lists a method twice")
         if self.limit is not None and self.limit < 1:
             raise GispError(f"--limit must be at least 1 item per task, got {self.limit}")
+
+    def variants(self, method: str) -> list[str]:
+        """The row names of one method: itself, then ``METHOD+RECON`` per reconstruction."""
+        return [method] + [f"{method}+{r}" for r in self.reconstruct]
 
     def protocol(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in _FREE}

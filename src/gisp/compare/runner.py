@@ -185,7 +185,7 @@ def compare(cfg: CompareConfig, *, progress: bool = True, command: str | None = 
         raise GispError(f"cannot create --out {store.root} ({e.strerror}): choose another directory") from e
     try:
         _check_settings(store, cfg)
-        todo = [(m, s) for m in cfg.methods for s in cfg.sparsities if store.row(m, s) is None]
+        todo = [(m, s) for m in cfg.methods for s in cfg.sparsities if _missing(store, cfg, m, s)]
         if store.row("dense", None) is None or todo:
             _run(cfg, store, todo, progress, log, loaded)
     except GispError:
@@ -195,6 +195,15 @@ def compare(cfg: CompareConfig, *, progress: bool = True, command: str | None = 
     results = assemble(cfg, store, command)
     write_outputs(results, store.root)
     return results
+
+
+def _missing(store: Store, cfg: CompareConfig, method: str, s: float) -> bool:
+    """Whether a row of ``method`` at ``s`` is still to be made (reconstructed rows need a masked level: a
+    physically sliced one, saved with step None, has none)."""
+    row = store.row(method, s)
+    if row is None:
+        return True
+    return row.get("step") is not None and any(store.row(v, s) is None for v in cfg.variants(method)[1:])
 
 
 def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progress: bool,
@@ -274,28 +283,48 @@ def _run(cfg: CompareConfig, store: Store, todo: list[tuple[str, float]], progre
                     row.update(run_seconds=sliced, run_levels=len(physical))
                     store.save_row(name, lv.requested, row)
         for s in sorted(levels):
-            if store.row(name, s) is not None:
-                continue
             lv = levels[s]
-            restore()
-            apply_mask(model, lv.mask)
-            log(f"{name} @ {s:g}: evaluating (sparsity {lv.sparsity:.4f})")
-            with apply_compensation(model, lv.compensation):
-                row = evaluate_model(model, tok, cfg, progress)
-            _save_row(store, cfg, method, lv, row, lv.step)
+            if store.row(name, s) is None:
+                restore()
+                apply_mask(model, lv.mask)
+                log(f"{name} @ {s:g}: evaluating (sparsity {lv.sparsity:.4f})")
+                with apply_compensation(model, lv.compensation):
+                    row = evaluate_model(model, tok, cfg, progress)
+                _save_row(store, cfg, method, lv, row, lv.step)
+            for r in cfg.reconstruct:
+                if store.row(f"{name}+{r}", s) is None:
+                    restore()
+                    _reconstructed_row(store, cfg, method, lv, r, model, tok, calib, progress, log)
     restore()
 
 
+def _reconstructed_row(store: Store, cfg: CompareConfig, method: Method, lv: Level, recon: str, model: nn.Module,
+                       tok: Any, calib: Any, progress: bool, log: Callable[[str], None]) -> None:
+    """Row ``METHOD+RECON``: the level reconstructed on the comparison's calibration windows (replacing any
+    compensation of its own), then evaluated by the same protocol."""
+    from gisp.deploy.reconstruct import reconstruct
+
+    log(f"{method.name} @ {lv.requested:g}: reconstructing ({recon}) and evaluating")
+    done = reconstruct(model, lv.mask, calib, recon)
+    with apply_compensation(model, done.biases):
+        row = evaluate_model(model, tok, cfg, progress)
+    row["reconstruction"] = {k: v for k, v in done.record.items() if k != "details"} | {
+        "relative_error_masked": done.record["details"].get("relative_error_masked"),
+        "relative_error_refit": done.record["details"].get("relative_error_refit")}
+    _save_row(store, cfg, method, lv, row, lv.step, name=f"{method.name}+{recon}")
+
+
 def _save_row(store: Store, cfg: CompareConfig, method: Method, level: Level, row: dict[str, Any],
-              step: int | None) -> None:
+              step: int | None, name: str | None = None) -> None:
     row.update(
-        method=method.name, requested_sparsity=level.requested, sparsity=level.sparsity,
-        linear_params=level.kept_params, step=step, compensated=level.compensation is not None,
+        method=name or method.name, requested_sparsity=level.requested, sparsity=level.sparsity,
+        linear_params=level.kept_params, step=step,
+        compensated=(level.compensation is not None) if name is None else bool(row["reconstruction"]["adds_bias"]),
         run_seconds=level.details.get("run_seconds"), run_levels=level.details.get("run_levels"),
         level=str((store.level_dir(method.name, level.requested) / "level.json").relative_to(store.root)),
         details=_jsonable({k: v for k, v in level.details.items() if k not in ("run_seconds", "run_levels")}),
     )
-    store.save_row(method.name, level.requested, row)
+    store.save_row(name or method.name, level.requested, row)
 
 
 def assemble(cfg: CompareConfig, store: Store, command: str | None = None) -> dict[str, Any]:
@@ -307,11 +336,15 @@ def assemble(cfg: CompareConfig, store: Store, command: str | None = None) -> di
         return json.loads(p.read_text()) if p.is_file() else {}
 
     dense = store.row("dense", None)
-    rows = [r for m in cfg.methods for s in cfg.sparsities if (r := store.row(m, s)) is not None]
+    rows = [r for m in cfg.methods for v in cfg.variants(m) for s in cfg.sparsities
+            if (r := store.row(v, s)) is not None]
     methods = {}
     for m in cfg.methods:
         settings = _jsonable(get_method(m, **method_options(m, cfg)).settings())
         methods[m] = {"settings": settings, "nested": METHODS[m].nested, "reference": METHODS[m].reference}
+        for r in cfg.reconstruct:
+            if any(row["method"] == f"{m}+{r}" for row in rows):  # physical levels have no mask to refit
+                methods[f"{m}+{r}"] = {**methods[m], "settings": {**settings, "reconstruct": r}}
     ppl_src = (dense or {}).get("ppl", {})
     return {
         "format": FORMAT,
@@ -333,7 +366,8 @@ def assemble(cfg: CompareConfig, store: Store, command: str | None = None) -> di
         "methods": methods,
         "dense": dense,
         "rows": rows,
-        "complete": dense is not None and len(rows) == len(cfg.methods) * len(cfg.sparsities),
+        "complete": dense is not None and not any(_missing(store, cfg, m, s) for m in cfg.methods
+                                                  for s in cfg.sparsities),
     }
 
 

@@ -122,6 +122,8 @@ def export(
     tokenizer: Any = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    reconstruct: str | None = None,
+    recon_options: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write one level of a run as a physically smaller, loadable model directory.
 
@@ -136,7 +138,10 @@ def export(
     query-to-KV map, smallest KV cache) or ``duplicate`` (KV heads repeated
     into equal groups: standard attention, larger KV cache); see the module
     docstring. ``dtype`` (fp32/bf16/fp16) converts the weights; default: the
-    base model's dtype.
+    base model's dtype. ``reconstruct`` (``bias``, ``lsq``, ``lsq-bias``) refits the level
+    before slicing (:mod:`gisp.deploy.reconstruct`; it replaces any compensation the level
+    carries); ``recon_options``: ``source``, ``samples``, ``seq_len``, ``seed`` of its
+    calibration windows (default: the run's) and ``damping``.
     """
     traj = run if isinstance(run, Trajectory) else Trajectory.load(run)
     run_dir = None if isinstance(run, Trajectory) else Path(run)
@@ -153,7 +158,11 @@ def export(
     level = select_level(all_levels, traj, sparsity=sparsity, step=step, max_params=max_params,
                          max_size_gb=max_size_gb)
     compensation, comp_path = compensation_for_step(run_dir, level.step)
-    if compensation is not None and (uniform or (round_to and round_to > 1)):
+    recon, replaced = None, None
+    if reconstruct is not None:  # computed for this level's exact mask, on a copy of the base model
+        model, recon = reconstruct_level(traj, model, level.mask, tokenizer, reconstruct, recon_options)
+        compensation, comp_path, replaced = recon.biases, None, comp_path
+    if comp_path is not None and (uniform or (round_to and round_to > 1)):
         raise GispError("this level carries FLAP's bias compensation, which holds for its exact mask only: "
                         "export it without --uniform/--round-to")
     adjustment = None
@@ -178,6 +187,11 @@ def export(
             "file": str(comp_path.resolve()), "kind": "FLAP bias compensation",
             "attn_layers": sorted(compensation.attn), "mlp_layers": sorted(compensation.mlp),
             "written_as": "o/down projection biases (attention_bias=mlp_bias=True, zero q/k/v/gate/up biases)"},
+        "reconstruction": None if recon is None else {
+            **recon.record, "written_as": "; ".join(
+                (["refit o/down weights"] if recon.record["changes_weights"] else [])
+                + (["o/down projection biases (attention_bias=mlp_bias=True)"] if recon.biases is not None else [])),
+            "replaced_compensation": None if replaced is None else str(replaced.resolve())},
     }
     path, slim = save_slim(model, level.mask, out, gqa=gqa, tokenizer=tokenizer, source_path=source_path,
                            record=record, dtype=weight_dtype, overwrite=overwrite, biases=compensation)
@@ -209,3 +223,16 @@ def _adjustment(model: nn.Module, traj: Trajectory, level: Any, gqa: str, rule: 
             "level_structures_removed": cut, "structures_added": added,
             "protected_structures_removed": _protected_removed(level.mask, layout),
             "is_run_model": cut == 0 and added == 0}
+
+
+def reconstruct_level(traj: Trajectory, model: nn.Module, mask: Mask, tokenizer: Any, method: str,
+                      options: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """A reconstructed, masked copy of the (dense) ``model`` for ``mask``, and its
+    :class:`~gisp.deploy.reconstruct.Reconstruction` (the input model is untouched)."""
+    import copy
+
+    from gisp.deploy.reconstruct import LevelReconstructor
+
+    recon = LevelReconstructor(traj.config, traj.calibration, tokenizer, method, options)
+    work = copy.deepcopy(model)
+    return work, recon(work, mask)

@@ -811,6 +811,8 @@ def export_gguf(
     overwrite: bool = False,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    reconstruct: str | None = None,
+    recon_options: dict[str, Any] | None = None,
 ) -> list[GGUFResult]:
     """Write levels of a run (or one ``gisp export`` directory) as GGUF files for llama.cpp.
 
@@ -819,6 +821,9 @@ def export_gguf(
     (one value or several: one file each), ``step``, ``max_params`` or ``max_size_gb``.
     ``out``: the ``.gguf`` file; for several levels a directory or a name with ``{sparsity}``.
     ``max_size_gb`` counts the file's weights in ``outtype`` (about 1.06 bytes each in q8_0).
+    ``reconstruct``/``recon_options``: each level is reconstructed as :func:`gisp.export.export` does
+    (lsq changes weights only; biases go to llama.cpp's ``bo``/``ffn_down_b``, which ``llama`` and
+    ``deci`` load; ``qwen3``/``openelm`` have none and are refused).
     """
     from gisp.deploy.export import export
     from gisp.loading import load_pretrained
@@ -833,7 +838,7 @@ def export_gguf(
         if len(set(sparsities)) != len(sparsities):
             raise GispError("--sparsity lists a level twice")
     if not _is_run(source):
-        if any(x is not None for x in (sparsity, step, max_params, max_size_gb)) or uniform or round_to:
+        if any(x is not None for x in (sparsity, step, max_params, max_size_gb, reconstruct)) or uniform or round_to:
             raise GispError(f"{source} is a model directory, not a run: level options apply to runs only")
         (path,) = output_paths(out, None, 1, outtype)
         _check_out(path, overwrite, [source])
@@ -878,7 +883,8 @@ def export_gguf(
         try:
             res = export(source, work / "hf", model=model, tokenizer=tokenizer, gqa=gqa, round_to=round_to,
                          uniform=uniform, sparsity=sparsities[k] if sparsities else None, step=step,
-                         max_params=max_params, max_size_gb=max_size_gb)
+                         max_params=max_params, max_size_gb=max_size_gb, reconstruct=reconstruct,
+                         recon_options=recon_options)
             slim = load_pretrained(res.path, dtype="fp32", device="cpu", tokenizer=False).model
             src_gguf = _source_gguf(res.record, base_path)
             results.append(write_gguf(slim, path, outtype=outtype, record=res.record,

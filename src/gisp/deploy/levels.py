@@ -312,6 +312,8 @@ def known_perplexities(run_dir: str | Path | None) -> dict[int, tuple[float, str
     out: dict[int, tuple[float, str]] = {}
     for e in entries:
         row, proto = e.get("row", {}), e.get("protocol", {})
+        if proto.get("reconstruct"):  # a reconstructed level is not the plain step an export writes by default
+            continue
         ppl = row.get("ppl")
         if isinstance(ppl, dict):
             ppl = ppl.get("ppl")

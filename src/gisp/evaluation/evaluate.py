@@ -70,8 +70,16 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    reconstruct: str | None = None,
+    recon_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run directory at ``sparsities`` or a model directory/name as it is."""
+    """Evaluate a run directory at ``sparsities`` or a model directory/name as it is.
+
+    ``reconstruct`` (``bias``, ``lsq``, ``lsq-bias``): each level of a run is reconstructed
+    in memory before it is evaluated (:mod:`gisp.deploy.reconstruct`, replacing any compensation
+    the level carries), exactly as ``gisp export --reconstruct`` writes it; ``recon_options``
+    as :class:`~gisp.deploy.reconstruct.LevelReconstructor` takes them.
+    """
     if window < 2:
         raise GispError(f"--window must be at least 2 tokens, got {window}")
     if max_windows is not None and max_windows < 1:
@@ -89,6 +97,8 @@ def evaluate(
         if any(s != 0.0 for s in sparsities or ()):
             raise GispError(f"{target} is a model, not a pruning run: it is evaluated as it is, so leave out "
                             "--sparsity (levels apply to runs)")
+        if reconstruct:
+            raise GispError("--reconstruct applies to the levels of a run: give a run directory")
         # evaluating a model as it is needs no gisp adapter: any causal LM transformers loads will do
         loaded = load_model(str(target), dtype=dtype, device=device, any_architecture=True)
         _check_window(loaded.model, window, ppl)
@@ -111,17 +121,33 @@ def evaluate(
     result.update({"run": str(path), "model": traj.model, "calibration": traj.calibration,
                    "prune_config": traj.config, "prune_versions": traj.versions,
                    "sparsity_definition": "fraction of decoder-layer linear parameters removed"})
+    recon, dense_state = None, None
+    if reconstruct:
+        from gisp.deploy.reconstruct import LevelReconstructor
+
+        recon = LevelReconstructor(traj.config, traj.calibration, loaded.tokenizer, reconstruct, recon_options)
+        protocol["reconstruct"] = recon.describe()
+        dense_state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     for s in levels:
         rec = traj.step_at(s)
-        apply_mask(loaded.model, traj.mask_at_step(rec["step"]))
         comp, comp_path = compensation_for_step(path, rec["step"])  # FLAP levels of a gisp compare directory
+        done = None
+        if recon is not None:  # reconstruction changes weights: start each level from the dense model
+            loaded.model.load_state_dict(dense_state)
+            done = recon(loaded.model, traj.mask_at_step(rec["step"]))
+            comp = done.biases
+        else:
+            apply_mask(loaded.model, traj.mask_at_step(rec["step"]))
         t0 = time.perf_counter()
         with apply_compensation(loaded.model, comp):
             row = _evaluate_loaded(loaded.model, loaded.tokenizer, ppl=ppl, window=window, max_windows=max_windows,
                                    tasks=tasks, limit=limit, batch_size=batch_size, progress=progress)
         row.update({"requested_sparsity": s, "step": rec["step"], "sparsity": rec["sparsity"],
                     "linear_params": rec["kept_params"], "seconds": time.perf_counter() - t0,
-                    "compensation": None if comp_path is None else str(comp_path)})
+                    "compensation": None if comp_path is None or done is not None else str(comp_path)})
+        if done is not None:
+            row["reconstruction"] = {**done.record, "replaced_compensation": None if comp_path is None
+                                     else str(comp_path)}
         result["rows"].append(row)
     _remember(path, result)
     return result
