@@ -99,14 +99,14 @@ def save_slim(
     try:
         slim.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(tokenizer, source_path, tmp)
-        _write_record(tmp / EXPORT_FILE, rec)
+        write_record(tmp / EXPORT_FILE, rec)
         replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, slim
 
 
-def _write_record(path: Path, rec: dict[str, Any]) -> None:
+def write_record(path: Path, rec: dict[str, Any]) -> None:
     """JSON with one line per layer, so thousands of kept indices stay readable."""
     head = json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=1)
     layers = ",\n".join("  " + json.dumps(layer, separators=(",", ":")) for layer in rec.get("layers", []))
