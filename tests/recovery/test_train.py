@@ -35,7 +35,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["perlayer", "plain"])
 def test_recovery_keeps_every_shape_the_config_and_the_files(kind, exports, text_file, tmp_path):
     src, out = exports[kind], tmp_path / "rec"
-    res = gisp.recover(src, out, config(text_file, 3, teacher_from_run=kind == "perlayer"), progress=False)
+    (out / ".checkpoint.tmp1").mkdir(parents=True)  # left by a kill while the first checkpoint was written
+    res = gisp.recover(src, out, config(text_file, 3, teacher_from_run=kind == "perlayer"), resume=True,
+                       progress=False)
     before, after = weights(src), weights(out)
     assert {k: (v.shape, v.dtype) for k, v in before.items()} == {k: (v.shape, v.dtype) for k, v in after.items()}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -177,3 +179,19 @@ def test_bad_inputs_are_refused(exports, text_file, tokenizer, tmp_path):
     tokenizer.save_pretrained(other)
     with pytest.raises(gisp.GispError, match="another tokenizer or vocabulary"):
         gisp.recover(exports["plain"], tmp_path / "o2", config(text_file, 2, teacher=str(other)), progress=False)
+
+
+def test_teacher_from_run_must_be_the_model_the_export_was_cut_from(exports, text_file, tokenizer, tmp_path):
+    import shutil
+
+    from tests.conftest import tiny_model
+
+    moved = tmp_path / "export"
+    shutil.copytree(exports["plain"], moved)
+    record = json.loads((moved / "gisp_export.json").read_text())
+    record["source"]["path"] = str(tmp_path / "changed")
+    (moved / "gisp_export.json").write_text(json.dumps(record))
+    tiny_model("llama", layers=4, seed=1, vocab=len(tokenizer)).save_pretrained(tmp_path / "changed")
+    tokenizer.save_pretrained(tmp_path / "changed")
+    with pytest.raises(gisp.GispError, match="is not the model it was cut from"):
+        gisp.recover(moved, tmp_path / "o", config(text_file, 2, teacher_from_run=True), progress=False)

@@ -55,8 +55,8 @@ class RecoverConfig:
     lm_weight: float = 0.0
     """With a teacher: loss = (1 - w) * KD + w * LM (next-token cross-entropy); 0 is pure distillation."""
     kd_chunk: int = 128
-    """Sequence positions whose logits are computed at once (memory, not results): logits over the vocabulary
-    exist for one chunk at a time, for teacher and student."""
+    """Positions (of the batch x sequence) whose logits are computed at once (memory, not results): logits
+    over the vocabulary exist for one chunk at a time, for teacher and student."""
     autocast: str = "none"
     """Mixed precision of the forward/backward (none, bf16, fp16); adapters and optimiser stay fp32."""
     checkpoint_every: int = 20

@@ -3,11 +3,12 @@
 Logits over a large vocabulary (49k for SmolLM2) are the largest tensors of a
 training step: batch x sequence x vocabulary floats, once for the student and
 once for the teacher. Both models therefore stop at their final hidden states;
-the LM heads are applied to ``chunk`` positions at a time, each chunk's loss is
-back-propagated into the (detached) student hidden states at once, and the
-hidden states' gradient is passed through the decoder once at the end
-(:func:`chunked_loss`). At most one chunk of logits per model exists at any
-time, and the result equals the unchunked loss (up to float summation order).
+the LM heads are applied to ``chunk`` positions (rows of the flattened batch x
+sequence) at a time, each chunk's loss is back-propagated into the (detached)
+student hidden states at once, and the hidden states' gradient is passed
+through the decoder once at the end (:func:`chunked_loss`). At most one chunk
+of logits per model exists at any time, and the result equals the unchunked
+loss (up to float summation order).
 
 Distillation is the forward KL divergence KL(teacher || student) between the
 softmax of the logits at temperature ``T`` (Minitron: logits only, ``T = 1``),
@@ -55,23 +56,26 @@ def chunked_loss(student_hidden: torch.Tensor, labels: torch.Tensor, student_hea
 
     ``student_hidden`` and ``teacher_hidden`` are ``(batch, seq, hidden)`` states of
     positions ``0..seq-2`` of the input, ``labels`` the ``(batch, seq - 1)`` tokens
-    they predict. Without a teacher the loss is the LM loss alone. ``loss = (1 -
-    lm_weight) * T**2 * KL + lm_weight * LM``.
+    they predict; ``chunk`` positions (rows of the flattened batch x sequence) get
+    their logits at once. Without a teacher the loss is the LM loss alone. ``loss =
+    (1 - lm_weight) * T**2 * KL + lm_weight * LM``.
     """
     distill = teacher_hidden is not None
     kd_weight = (1.0 - lm_weight) if distill else 0.0
-    n = labels.numel()
-    leaf = student_hidden.detach().requires_grad_(backward)
+    flat_labels = labels.reshape(-1)
+    n = flat_labels.numel()
+    leaf = student_hidden.detach().reshape(n, -1).requires_grad_(backward)
+    t_flat = teacher_hidden.reshape(n, -1) if distill else None
     kd_total = lm_total = 0.0
-    for start in range(0, labels.shape[1], chunk):
+    for start in range(0, n, chunk):
         cut = slice(start, start + chunk)
         with torch.set_grad_enabled(backward):
-            logits = student_head(leaf[:, cut]).float()
-            lm = F.cross_entropy(logits.flatten(0, 1), labels[:, cut].flatten(), reduction="sum") / n
+            logits = student_head(leaf[cut]).float()
+            lm = F.cross_entropy(logits, flat_labels[cut], reduction="sum") / n
             loss = lm_weight * lm
             if distill:
                 with torch.no_grad():
-                    target = teacher_head(teacher_hidden[:, cut])
+                    target = teacher_head(t_flat[cut])
                 kd = kl_sum(target, logits, temperature) * (temperature**2) / n
                 loss = loss + kd_weight * kd
                 kd_total += float(kd.detach())
@@ -80,6 +84,6 @@ def chunked_loss(student_hidden: torch.Tensor, labels: torch.Tensor, student_hea
             loss.backward()
         del logits, loss
     if backward and leaf.grad is not None:
-        student_hidden.backward(leaf.grad)
+        student_hidden.backward(leaf.grad.view_as(student_hidden))
     total = lm_weight * lm_total + (kd_weight * kd_total if distill else 0.0)
     return Losses(total=total, kd=kd_total if distill else None, lm=lm_total)

@@ -115,7 +115,8 @@ def _existing(out: Path, resume: bool, config: RecoverConfig, input_print: str) 
     """The checkpoint state to continue from (``None``: start afresh); refuses what must not be overwritten."""
     state = read_state(out)
     if state is None:
-        if out.exists() and (not out.is_dir() or any(p.name != checkpoint_path(out).name for p in out.iterdir())):
+        ours = checkpoint_path(out).name  # the checkpoint and its temporary directories (a kill while writing)
+        if out.exists() and (not out.is_dir() or any(not p.name.lstrip(".").startswith(ours) for p in out.iterdir())):
             raise GispError(f"{out} already exists and is not empty: choose another --out")
         return None
     if not resume:
@@ -157,7 +158,12 @@ def _teacher(config: RecoverConfig, record: dict[str, Any], student: LoadedModel
                         f"{len(student.tokenizer)} tokens): distil from the dense model the export was cut from")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
-    info = {"name": name, "path": loaded.path, "fingerprint": fingerprint(loaded.model),
+    print_ = fingerprint(loaded.model)
+    expected = (record.get("source") or {}).get("fingerprint")
+    if config.teacher_from_run and expected and print_ != expected:
+        raise GispError(f"the export's source model '{name}' is not the model it was cut from (fingerprint "
+                        f"{print_}, the export records {expected}): give the dense model with --teacher MODEL")
+    info = {"name": name, "path": loaded.path, "fingerprint": print_,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
     return _Teacher(loaded.model.eval(), get_architecture(loaded.model), info)
 
