@@ -63,3 +63,20 @@ def test_kd_is_zero_when_student_is_teacher_and_without_backward_nothing_gets_gr
                        teacher_head=lambda x: x @ s_head.T, lm_weight=0.0, chunk=5, backward=False)
     assert abs(got.kd) < 1e-6 and got.total == got.kd
     assert h.grad is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_final_hidden_and_logits_are_the_forward_of_each_family(family):
+    """What the chunked loss applies (the adapter's hidden states, then its LM head) is the model's forward."""
+    from tests.architectures.test_gemma3 import tiny_gemma3
+    from tests.conftest import tiny_model
+
+    from gisp.architectures import get_architecture
+
+    model = tiny_gemma3(layers=2) if family == "gemma3" else tiny_model(family, layers=2)
+    arch = get_architecture(model)
+    x = torch.randint(0, 90, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(arch.logits(model, arch.final_hidden(model, x)), model(input_ids=x).logits)
+    assert model.config.model_type != "gemma3_text" or model.config.final_logit_softcapping  # the cap is exercised
+    assert len(arch.projection_modules()) == 7
