@@ -31,6 +31,8 @@ _PUBLIC = {
     "Trajectory": "gisp.run.trajectory",
     "export": "gisp.deploy.export",
     "ElasticModel": "gisp.deploy.elastic",
+    "RecoverConfig": "gisp.recovery.config",
+    "recover": "gisp.recovery.train",
     "evaluate": "gisp.evaluation.evaluate",
     "perplexity": "gisp.evaluation.perplexity",
 }

@@ -157,6 +157,20 @@ class Architecture(ABC):
         names = self.attention_modules if block == "attention" else self.mlp_modules
         return [m for m in (getattr(layer, n, None) for n in names) if m is not None]
 
+    def projection_modules(self) -> list[str]:
+        """The attention and MLP projections' module names inside a decoder layer (where recovery puts its
+        LoRA adapters; PEFT matches them as name suffixes)."""
+        return list(self.projection_names.values())
+
+    def final_hidden(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final (normed) hidden states, the LM head's input: callers that apply the head to a
+        few positions at a time never hold the logits of a whole batch."""
+        return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of :meth:`final_hidden` states, as the model's forward computes them."""
+        return model.get_output_embeddings()(hidden)
+
     # biases -----------------------------------------------------------------
     def has_o_bias(self, config: Any) -> bool:
         """Whether a config of this family gives the attention output projection a bias."""

@@ -52,6 +52,11 @@ class Gemma3(Architecture):
     def has_o_bias(self, config: Any) -> bool:
         return bool(getattr(config, "attention_bias", False))
 
+    def logits(self, model: Any, hidden: Any) -> Any:
+        logits = model.get_output_embeddings()(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return logits if cap is None else (logits / cap).tanh() * cap
+
     @classmethod
     @cache
     def causal_lm_class(cls) -> type:

@@ -11,6 +11,7 @@ import typer
 
 import gisp.cli.compare_cmd  # noqa: F401  (registers gisp compare)
 import gisp.cli.export_cmd  # noqa: F401  (registers gisp export)
+import gisp.cli.recover_cmd  # noqa: F401  (registers gisp recover)
 import gisp.cli.report_cmd  # noqa: F401  (registers gisp report)
 from gisp.cli import demo_cmd, eval_cmd, prune_cmd  # noqa: F401  (register commands)
 from gisp.cli.app import app

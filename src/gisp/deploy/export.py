@@ -96,11 +96,11 @@ def save_slim(
     with staged(out) as tmp:
         slim.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(tokenizer, source_path, tmp)
-        _write_record(tmp / EXPORT_FILE, rec)
+        write_record(tmp / EXPORT_FILE, rec)
     return out, slim
 
 
-def _write_record(path: Path, rec: dict[str, Any]) -> None:
+def write_record(path: Path, rec: dict[str, Any]) -> None:
     """JSON with one line per layer, so thousands of kept indices stay readable."""
     head = json.dumps({k: v for k, v in rec.items() if k != "layers"}, indent=1)
     layers = ",\n".join("  " + json.dumps(layer, separators=(",", ":")) for layer in rec.get("layers", []))
