@@ -103,7 +103,7 @@ def run_cell(args: argparse.Namespace, cell: dict[str, int], out: Path) -> dict[
 
 def level_ppl(result: dict[str, Any]) -> dict[str, float]:
     """requested sparsity (as text) -> wiki perplexity, from the eval JSON of a cell."""
-    return {f"{float(row['requested_sparsity']):.2f}": row["ppl"] for row in result["eval"]["rows"]}
+    return {f"{float(row['requested_sparsity']):.2f}": row["ppl"]["ppl"] for row in result["eval"]["rows"]}
 
 
 def summary(args: argparse.Namespace, done: list[dict[str, Any]], out: Path) -> None:
@@ -145,6 +145,9 @@ def plot(args: argparse.Namespace, done: list[dict[str, Any]], levels: list[str]
               ("tokens", [r for r in done if r["steps"] == args.fixed_steps], f"{args.fixed_steps} steps")]
     for ax, (key, rows, fixed) in zip(axes, curves):
         rows = sorted(rows, key=lambda r: r[key])
+        if not rows:
+            ax.set_title(f"{fixed}: no cell done yet")
+            continue
         for lv in levels:
             ax.plot([r[key] for r in rows], [level_ppl(r).get(lv, float("nan")) for r in rows], "o-",
                     label=f"{float(lv):.0%} sparsity")
