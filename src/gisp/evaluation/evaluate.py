@@ -18,7 +18,7 @@ from gisp.deploy.compensation import apply_compensation, compensation_for_step
 from gisp.deploy.levels import check_sparsity
 from gisp.errors import GispError
 from gisp.evaluation.perplexity import perplexity
-from gisp.loading import load_base_model, load_model
+from gisp.loading import load_base_model, load_model, resolve_model_path
 from gisp.provenance import atomic_write_json, versions
 from gisp.run.trajectory import FILENAME, Trajectory
 
@@ -94,6 +94,7 @@ def evaluate(
                 "eval_dtype": dtype}
     result: dict[str, Any] = {"target": str(target), "protocol": protocol, "versions": versions(), "rows": []}
     if not is_run:
+        resolve_model_path(str(target))  # an unknown name says so first
         if any(s != 0.0 for s in sparsities or ()):
             raise GispError(f"{target} is a model, not a pruning run: it is evaluated as it is, so leave out "
                             "--sparsity (levels apply to runs)")
