@@ -150,7 +150,7 @@ def test_disk_full_keeps_the_previous_export(run_on_disk, tmp_path, monkeypatch)
     def full(path, rec):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_mod, "_write_record", full)  # after the weights: mid-way through the export
+    monkeypatch.setattr(export_mod, "write_record", full)  # after the weights: mid-way through the export
     with pytest.raises(GispError, match="no space left on the device") as e:
         gisp.export(run, out, model=base, sparsity=0.3, overwrite=True)
     assert "partial output removed" in str(e.value) and "left intact" in str(e.value) and "\n" not in str(e.value)

@@ -253,13 +253,16 @@ SPARSITY_TOLERANCE = 5e-3  # a request this far above the run's last level still
 def check_sparsity(traj: Trajectory, sparsity: float) -> None:
     """Refuse a sparsity outside [0, 1) or above the run's last level (one line).
 
-    Below the last level a request means "the last step at or below it"; above it there is no such
-    level, and silently delivering the last one would report a model the user did not ask for.
+    Below the last level (or the last step's target) a request means "the last step at or below it";
+    above it there is no such level, and silently delivering the last one would report a model the
+    user did not ask for.
     """
     if not (isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0):
         raise GispError(f"sparsity must be in [0, 1), got {sparsity}")
     top = max(rec["sparsity"] for rec in traj.steps)
-    if sparsity > top + SPARSITY_TOLERANCE:
+    # a step that aimed at S and landed a little below it (structure granularity) still answers a request for S
+    reached = max(top, max(rec["target"] for rec in traj.steps))
+    if sparsity > reached + SPARSITY_TOLERANCE:
         raise GispError(f"this run holds sparsities up to {top:.4f} (step {traj.last_step}), not {sparsity}: "
                         "prune to a higher --target (or --resume the run) or ask for less")
 
