@@ -25,14 +25,6 @@ CFG = dict(target=0.5, steps=5, batch_size=4, protect_first=0.25)
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: fastest for tiny models, and far steadier than two on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def pruned(arch: str = "llama", kv: int = 2, layers: int = 6) -> tuple[torch.nn.Module, Trajectory]:
     """An unpruned base model and the trajectory of a GISP run on a copy of it."""

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gguf
 import pytest
-import torch
 from safetensors.torch import load_file
 from tests.conftest import random_calib, tiny_model
 
@@ -24,13 +23,6 @@ from gisp.outputs import check_output_file
 
 CFG = dict(target=0.5, steps=4, batch_size=4, protect_first=0.25)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

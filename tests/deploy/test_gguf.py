@@ -35,13 +35,6 @@ SPECIAL = range(17)  # SmolLM2's special tokens: llama.cpp and HF both exclude t
 LOGPROB_TOL = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:

@@ -25,13 +25,6 @@ from gisp.loading import load_pretrained
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def a_mask(model: torch.nn.Module) -> Mask:
     """Heads, a whole KV group, channels and a whole MLP removed; layer 0 untouched."""

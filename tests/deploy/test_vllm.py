@@ -33,13 +33,6 @@ from gisp_vllm import MODEL_TYPE, BlockConfig, GispDeciLMConfig, register
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _heads(w: torch.Tensor, d: int = 16) -> list[bool]:
     """Which heads (rows of d) of a q/k/v weight are non-zero."""

@@ -48,7 +48,7 @@ from torch import nn
 from gisp.architectures import apply_mask, get_architecture
 from gisp.architectures.base import zero_structures
 from gisp.core.calibration import CalibrationSet, build_calibration
-from gisp.core.structures import Mask
+from gisp.core.structures import Mask, block_rows
 from gisp.deploy.compensation import Compensation
 from gisp.errors import GispError
 
@@ -238,7 +238,7 @@ class _Stream:
 
 def _kept_columns(mask: Mask, i: int, head_dim: int, block: str) -> torch.Tensor:
     if block == "attention":
-        return mask.heads[i].repeat_interleave(head_dim).nonzero().flatten()
+        return block_rows(mask.heads[i].nonzero().flatten(), head_dim)
     return mask.channels[i].nonzero().flatten()
 
 
