@@ -7,15 +7,13 @@ import copy
 import pytest
 import torch
 from tests.conftest import VARIANTS, tiny_model
-from tests.deploy.test_export import TOL, greedy, hand_trajectory, ids, masked, max_diff, n_params, one_thread, pruned
+from tests.deploy.test_export import TOL, greedy, hand_trajectory, ids, masked, max_diff, n_params, pruned
 
 import gisp
 from gisp.architectures import apply_mask
 from gisp.architectures.slicing import slim_model
 from gisp.deploy.elastic import ElasticModel
 from gisp.errors import GispError
-
-__all__ = ["one_thread"]  # the autouse fixture, shared with test_export
 
 
 @pytest.mark.parametrize("arch,kv", VARIANTS)
