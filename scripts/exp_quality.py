@@ -1,0 +1,469 @@
+#!/usr/bin/env python
+"""Experiment (issue #12): quality past the paper, side by side, from one command.
+
+On SmolLM2-135M, at 20/30/40/50% parameter sparsity, with one calibration set
+(c4, seeded windows) and one evaluation protocol (wiki perplexity in fixed
+windows of the evaluation part; the 7-task mean accuracy on held-out items):
+
+* training-free rows: GISP raw, +bias, +lsq; FLAP (its own compensation), +lsq;
+  LLM-Pruner raw, +lsq: one ``gisp compare --reconstruct bias,lsq``;
+* recovery rows: each method's +lsq level exported (``gisp.export``), then
+  ``gisp recover`` with LoRA (every method, same token budget) and, for GISP,
+  LoRA distilled from the dense model (``--teacher-from-run``);
+* accuracy: every row above, cheapest to decide first (dense, then 30% and 50%).
+
+Everything is cached under ``--out`` cell by cell (compare rows, exports,
+recovery checkpoints, accuracy files), so a killed experiment, or one spread
+over several sessions, continues where it stopped: rerun the same command.
+``--max-hours`` starts no new cell after the limit; ``--only-summary`` writes the
+report of what is done. The report (``--doc``) states the compute of every cell.
+
+    nohup python scripts/exp_quality.py --doc docs/exp_quality.md --plot docs/exp_quality.png &
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import machine  # noqa: E402
+
+from gisp.provenance import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
+
+TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+METHODS = ("gisp", "flap", "llm-pruner")
+RECOVERY = (("gisp", "lora"), ("gisp", "lora-kd"), ("flap", "lora"), ("llm-pruner", "lora"))
+ROWS = ["gisp", "gisp+bias", "gisp+lsq", "gisp+lsq+lora", "gisp+lsq+lora-kd",
+        "flap", "flap+lsq", "flap+lsq+lora", "llm-pruner", "llm-pruner+lsq", "llm-pruner+lsq+lora"]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="runs/exp_quality")
+    p.add_argument("--doc", default=None, help="write the markdown report here")
+    p.add_argument("--plot", default=None, help="write the PNG (perplexity against sparsity) here")
+    p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
+    p.add_argument("--steps", type=int, default=10, help="GISP steps (every sparsity must be a step)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--autocast", default="bf16")
+    p.add_argument("--max-windows", type=int, default=128)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--limit", type=int, default=200, help="held-out items per task")
+    p.add_argument("--recover-levels", default="0.3,0.5", help="levels that get recovery rows (first first)")
+    p.add_argument("--recover-tokens", type=int, default=32768, help="training tokens of every recovery cell")
+    p.add_argument("--recover-seq-len", type=int, default=256)
+    p.add_argument("--stages", default="compare,recover,accuracy")
+    p.add_argument("--max-hours", type=float, default=0.0, help="start no cell after this many hours; 0: none")
+    p.add_argument("--only-summary", action="store_true", help="write the report of the cells done, run nothing")
+    return p.parse_args()
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+class Clock:
+    """Whether another cell may start (``--max-hours``)."""
+
+    def __init__(self, hours: float) -> None:
+        self.start, self.hours = time.time(), hours
+
+    def open(self) -> bool:
+        return not self.hours or time.time() - self.start < self.hours * 3600
+
+
+def compare_config(args: argparse.Namespace, out: Path) -> Any:
+    from gisp.compare import CompareConfig
+
+    return CompareConfig(model=args.model, methods=list(METHODS), sparsities=floats(args.sparsities),
+                         out=str(out / "compare"), calib="c4", calib_samples=args.calib_samples,
+                         seq_len=args.seq_len, seed=0, steps=args.steps, ppl="wiki", window=args.window,
+                         max_windows=args.max_windows, tasks=[], autocast=args.autocast, dtype="fp32",
+                         device="cpu", reconstruct=["bias", "lsq"])
+
+
+def recon_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The comparison's calibration windows: every +lsq level (compare row or export) is fitted on them."""
+    return {"source": "c4", "samples": args.calib_samples, "seq_len": args.seq_len, "seed": 0}
+
+
+class Base:
+    """The dense model, loaded once and copied per cell."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self._loaded = name, None
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            from gisp.loading import load_model
+
+            self._loaded = load_model(self.name, dtype="fp32", device="cpu")
+        return self._loaded
+
+
+def ppl_of(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from gisp.evaluation.perplexity import perplexity
+
+    return perplexity(model, tokenizer, "wiki", window=args.window, max_windows=args.max_windows, progress=False)
+
+
+def level_pointer(out: Path, method: str, s: float) -> dict[str, Any]:
+    from gisp.compare.runner import Store
+
+    p = Store(out / "compare").level_dir(method, s) / "level.json"
+    return json.loads(p.read_text())
+
+
+# ------------------------------------------------------------------------------------------- recovery cells
+
+
+def export_cell(args: argparse.Namespace, out: Path, base: Base, method: str, s: float) -> dict[str, Any]:
+    """The +lsq level of ``method`` at ``s`` as a standalone export, and its perplexity (cached)."""
+    import gisp
+
+    edir = out / "exports" / f"{method}+lsq@{s:g}"
+    done = edir.with_name(edir.name + ".json")
+    if done.is_file():
+        return json.loads(done.read_text())
+    ptr = level_pointer(out, method, s)
+    t0 = time.perf_counter()
+    res = gisp.export((out / "compare" / ptr["trajectory"]).parent, edir, step=ptr["step"],
+                      model=copy.deepcopy(base.loaded.model), tokenizer=base.loaded.tokenizer, overwrite=True,
+                      reconstruct="lsq", recon_options=recon_options(args))
+    seconds = time.perf_counter() - t0
+    from gisp.loading import load_pretrained
+
+    lm = load_pretrained(res.path, dtype="fp32", device="cpu")
+    t1 = time.perf_counter()
+    ppl = ppl_of(lm.model, lm.tokenizer, args)
+    rec = {"method": method, "sparsity": s, "path": str(edir.relative_to(out)), "export_seconds": seconds,
+           "ppl": ppl, "eval_seconds": time.perf_counter() - t1,
+           "params": sum(p.numel() for p in lm.model.parameters())}
+    atomic_write_json(done, rec)
+    return rec
+
+
+def recovery_cell(args: argparse.Namespace, out: Path, base: Base, method: str, mode: str,
+                  s: float) -> dict[str, Any]:
+    """LoRA (or LoRA-KD) on the +lsq export of ``method`` at ``s``, then its perplexity (cached, resumable)."""
+    from gisp.loading import load_pretrained
+    from gisp.recovery.config import RecoverConfig
+    from gisp.recovery.train import recover
+
+    name = f"{method}+lsq+{mode}@{s:g}"
+    cfile = out / "recovery" / f"{name}.json"
+    if cfile.is_file():
+        return json.loads(cfile.read_text())
+    exp = export_cell(args, out, base, method, s)
+    cfg = RecoverConfig(tokens=args.recover_tokens, seq_len=args.recover_seq_len, data="c4",
+                        teacher_from_run=(mode == "lora-kd"), autocast="none")
+    t0 = time.perf_counter()
+    res = recover(out / exp["path"], out / "recovery" / name, cfg, resume=True, device="cpu", progress=True)
+    wall = time.perf_counter() - t0
+    lm = load_pretrained(res.path, dtype="fp32", device="cpu")
+    t1 = time.perf_counter()
+    rec = {"row": f"{method}+lsq+{mode}", "sparsity": s, "path": str(res.path.relative_to(out)),
+           "config": cfg.to_dict(), "steps": res.steps, "tokens": res.tokens, "train_seconds": res.train_seconds,
+           "wall_seconds_this_session": wall, "loss_first": res.first, "loss_final": res.final,
+           "ppl": ppl_of(lm.model, lm.tokenizer, args), "eval_seconds": time.perf_counter() - t1,
+           "start_ppl": exp["ppl"]["ppl"]}
+    atomic_write_json(cfile, rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- accuracy cells
+
+
+def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> tuple[Any, Any]:
+    """The model a table row stands for, built exactly as its perplexity cell built it."""
+    from gisp.loading import load_pretrained
+
+    tok = base.loaded.tokenizer
+    if row == "dense":
+        return base.loaded.model, tok
+    if row.count("+") == 2:  # a recovery row
+        return load_pretrained(out / "recovery" / f"{row}@{s:g}", dtype="fp32", device="cpu").model, tok
+    from gisp.architectures import apply_mask
+    from gisp.compare.runner import Store
+    from gisp.core.calibration import build_calibration
+    from gisp.deploy.reconstruct import reconstruct
+
+    method, _, recon = row.partition("+")
+    lv = Store(out / "compare").load_level(method, s)
+    model = copy.deepcopy(base.loaded.model)
+    if recon:
+        calib = build_calibration("lm", "c4", tok, args.calib_samples, args.seq_len, 0)
+        done = reconstruct(model, lv.mask, calib, recon)
+        return _Compensated(model, done.biases), tok
+    apply_mask(model, lv.mask)
+    return _Compensated(model, lv.compensation), tok
+
+
+class _Compensated:
+    """A masked model with its output biases switched on while it is evaluated."""
+
+    def __init__(self, model: Any, biases: Any) -> None:
+        self.model, self.biases = model, biases
+
+
+def accuracy_cell(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> dict[str, Any]:
+    from gisp.baselines import apply_compensation
+    from gisp.compare.runner import mean_accuracy
+    from gisp.tasks import evaluate_tasks
+
+    cfile = out / "accuracy" / (f"{row}.json" if s is None else f"{row}@{s:g}.json")
+    if cfile.is_file():
+        return json.loads(cfile.read_text())
+    t0 = time.perf_counter()
+    model, tok = model_of(args, out, base, row, s)
+    build = time.perf_counter() - t0
+    biases = None
+    if isinstance(model, _Compensated):
+        model, biases = model.model, model.biases
+    t1 = time.perf_counter()
+    with apply_compensation(model, biases):
+        tasks = evaluate_tasks(model, tok, args.tasks.split(","), limit=args.limit, progress=True)
+    rec = {"row": row, "sparsity": s, "tasks": tasks, "mean_acc": mean_accuracy(tasks),
+           "mean_acc_se": math.sqrt(sum(t["stderr"] ** 2 for t in tasks.values())) / len(tasks),
+           "build_seconds": build, "eval_seconds": time.perf_counter() - t1}
+    atomic_write_json(cfile, rec)
+    return rec
+
+
+def accuracy_plan(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    """Accuracy cells, cheapest to decide first: dense, the 30%/50% rows, recovery, then the rest."""
+    levels = floats(args.sparsities)
+    first = [s for s in floats(args.recover_levels) if s in levels]
+    plan: list[tuple[str, float | None]] = [("dense", None)]
+    core = ["gisp+lsq", "flap", "llm-pruner+lsq", "gisp", "flap+lsq", "llm-pruner"]
+    plan += [(r, s) for s in first for r in core]
+    plan += [(f"{m}+lsq+{mode}", s) for s in first for m, mode in RECOVERY]
+    plan += [(r, s) for s in levels if s not in first for r in core]
+    plan += [("gisp+bias", s) for s in levels]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every finished number: ppl[row][s], acc[row][s], compute[row][s]."""
+    ppl: dict[str, dict[Any, Any]] = {}
+    acc: dict[str, dict[Any, Any]] = {}
+    compute: dict[str, dict[Any, Any]] = {}
+    rows_dir = out / "compare" / "rows"
+    for f in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
+        r = json.loads(f.read_text())
+        s = None if r["method"] == "dense" else round(float(r["requested_sparsity"]), 4)
+        ppl.setdefault(r["method"], {})[s] = r["ppl"]["ppl"]
+        compute.setdefault(r["method"], {})[s] = {
+            "prune_s": r.get("run_seconds"), "run_levels": r.get("run_levels"),
+            "recon_s": (r.get("reconstruction") or {}).get("seconds"), "eval_s": r.get("eval_seconds"),
+            "sparsity": r.get("sparsity")}
+    for f in sorted((out / "recovery").glob("*.json")) if (out / "recovery").is_dir() else []:
+        r = json.loads(f.read_text())
+        s = round(float(r["sparsity"]), 4)
+        ppl.setdefault(r["row"], {})[s] = r["ppl"]["ppl"]
+        compute.setdefault(r["row"], {})[s] = {"train_s": r["train_seconds"], "tokens": r["tokens"],
+                                               "steps": r["steps"], "eval_s": r["eval_seconds"]}
+    for f in sorted((out / "exports").glob("*.json")) if (out / "exports").is_dir() else []:
+        r = json.loads(f.read_text())
+        compute.setdefault("exports", {})[f"{r['method']}@{r['sparsity']:g}"] = {
+            "export_s": r["export_seconds"], "ppl": r["ppl"]["ppl"]}
+    for f in sorted((out / "accuracy").glob("*.json")) if (out / "accuracy").is_dir() else []:
+        r = json.loads(f.read_text())
+        s = None if r["sparsity"] is None else round(float(r["sparsity"]), 4)
+        acc.setdefault(r["row"], {})[s] = (r["mean_acc"], r["mean_acc_se"], r["eval_seconds"])
+    return {"ppl": ppl, "acc": acc, "compute": compute}
+
+
+def _fmt(x: float | None, spec: str = "{:.2f}") -> str:
+    return "—" if x is None else spec.format(x)
+
+
+def goals(data: dict[str, Any], levels: list[float]) -> list[str]:
+    """The issue's goals, each checked against what is measured (or said to be unmeasured)."""
+    ppl = data["ppl"]
+    lines = []
+    free = [r for r in ROWS if r.count("+") < 2]
+    for s in levels:
+        have = {r: ppl[r][s] for r in free if s in ppl.get(r, {})}
+        if not have:
+            continue
+        best = min(have, key=have.get)
+        lines.append(f"- {s:.0%}: best training-free row **{best}** ({have[best]:.2f}); "
+                     f"gisp+lsq {_fmt(have.get('gisp+lsq'))}.")
+    for s in levels:
+        g = ppl.get("gisp+lsq", {}).get(s)
+        others = {r: ppl[r][s] for r in ("flap+lsq", "llm-pruner+lsq") if s in ppl.get(r, {})}
+        if g is not None and others:
+            best = min(others, key=others.get)
+            lines.append(f"- {s:.0%}, same treatment (+lsq): gisp+lsq / {best} = {g / others[best]:.3f} "
+                         f"(goal at 40-50%: at most 0.75).")
+    dense = ppl.get("dense", {}).get(None)
+    for s in levels:
+        start = ppl.get("gisp+lsq", {}).get(s)
+        for row in ("gisp+lsq+lora", "gisp+lsq+lora-kd"):
+            end = ppl.get(row, {}).get(s)
+            if dense and start and end:
+                lines.append(f"- {s:.0%}: {row} narrows the gap to dense (ppl {dense:.2f}) from "
+                             f"{start - dense:.2f} to {end - dense:.2f} ({1 - (end - dense) / (start - dense):.0%} "
+                             "of it closed).")
+    return lines
+
+
+def report(args: argparse.Namespace, out: Path) -> str:
+    data = collect(args, out)
+    levels = floats(args.sparsities)
+    ppl, acc, compute = data["ppl"], data["acc"], data["compute"]
+    cmd = shlex.join(["python", "scripts/exp_quality.py", *sys.argv[1:]])
+    head = " | ".join(f"{s:.0%}" for s in levels)
+    lines = [
+        "# Quality past the paper: reconstruction and recovery, side by side (SmolLM2-135M)", "",
+        f"Generated by `{cmd}` (do not edit by hand; rerun to continue or refresh).", "",
+        f"- Model: `{args.model}`. Sparsity: fraction of decoder-layer linear parameters removed (embeddings, "
+        "norms and lm_head excluded; protected layers count).",
+        f"- Pruning and reconstruction calibration, shared by every method: c4 calibration part, "
+        f"{args.calib_samples} windows x {args.seq_len} tokens, seed 0; GISP {args.steps} steps to "
+        f"{max(levels):.0%} (one nested run read at every level), gradient passes in autocast {args.autocast}.",
+        "- +bias: FLAP-style bias compensation; +lsq: sequential least-squares refit of the kept o_proj/down_proj "
+        "columns so that each pruned block reproduces the dense block on the pruned model's own inputs "
+        "(local target, damping 1.0, see docs/reconstruction.md). FLAP's plain row keeps "
+        "its own compensation; its +lsq row replaces it.",
+        f"- Recovery: the +lsq level exported, then `gisp recover` with LoRA (rank 8, alpha 16, lr 2e-4, "
+        f"{args.recover_tokens:,} c4 training tokens in {args.recover_seq_len}-token windows, calibration part "
+        "only); +lora-kd distils from the dense model (logit KL, T=1). Same budget for every method.",
+        f"- Perplexity: wiki evaluation part, first {args.max_windows} non-overlapping {args.window}-token "
+        "windows, each scored on its own, fp32.",
+        f"- Accuracy: mean over {args.tasks.replace(',', ', ')} of each task's headline metric (acc for "
+        "BoolQ/WinoGrande, acc_norm otherwise; zero-shot, lm-eval 0.4 prompts), the first "
+        f"{args.limit} held-out items of each task (split seed 0), fp32; ± = standard error of the mean "
+        "(per-task binomial errors combined).", "",
+        "## Wiki perplexity", "",
+        f"Dense: {_fmt(ppl.get('dense', {}).get(None))}.", "",
+        f"| row | {head} |", "|---|" + "---|" * len(levels)]
+    for r in ROWS:
+        lines.append(f"| {r} | " + " | ".join(_fmt(ppl.get(r, {}).get(s)) for s in levels) + " |")
+    lines += ["", f"## Mean accuracy ({len(args.tasks.split(','))} tasks)", ""]
+    dense_acc = acc.get("dense", {}).get(None)
+    lines += [f"Dense: {_fmt(dense_acc[0], '{:.3f}') if dense_acc else '—'}"
+              f"{' ± ' + format(dense_acc[1], '.3f') if dense_acc else ''}.", "",
+              f"| row | {head} |", "|---|" + "---|" * len(levels)]
+    for r in ROWS:
+        cells = []
+        for s in levels:
+            a = acc.get(r, {}).get(s)
+            cells.append("—" if a is None else f"{a[0]:.3f} ± {a[1]:.3f}")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "— : not measured yet (rerun the command to continue).", "", "## Against the goals", ""]
+    lines += goals(data, levels) or ["- nothing measured yet"]
+    lines += ["", "## Compute of every cell (seconds, this machine)", "",
+              "Pruning time is the whole run of the method (GISP and FLAP: one nested run for every level); "
+              "reconstruction and evaluation are per cell; recovery is training time only.", "",
+              "| row | level | prune | reconstruct | train | ppl eval | accuracy eval |",
+              "|---|---|---|---|---|---|---|"]
+    for r in ["dense", *ROWS]:
+        for s in ([None] if r == "dense" else levels):
+            c = compute.get(r, {}).get(s)
+            a = acc.get(r, {}).get(s)
+            if c is None and a is None:
+                continue
+            c = c or {}
+            lines.append(f"| {r} | {'—' if s is None else f'{s:.0%}'} | {_fmt(c.get('prune_s'), '{:.0f}')} | "
+                         f"{_fmt(c.get('recon_s'), '{:.0f}')} | {_fmt(c.get('train_s'), '{:.0f}')} | "
+                         f"{_fmt(c.get('eval_s'), '{:.0f}')} | {_fmt(a[2] if a else None, '{:.0f}')} |")
+    if compute.get("exports"):
+        lines += ["", "Exports of the +lsq levels (the recovery inputs): the export's own perplexity against the "
+                  "comparison's +lsq row (the same reconstruction, computed at export):", ""]
+        for k, v in compute["exports"].items():
+            m, _, s = k.partition("@")
+            row = ppl.get(f"{m}+lsq", {}).get(round(float(s), 4))
+            lines.append(f"- {k}: export {v['ppl']:.4f} vs compare row {_fmt(row, '{:.4f}')} "
+                         f"({v['export_s']:.0f} s to export)")
+    info = machine()
+    lines += ["", "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "."]
+    text = "\n".join(lines) + "\n"
+    atomic_write_json(out / "summary.json", {**{k: _keys(v) for k, v in data.items()}, "machine": info})
+    if args.doc:
+        atomic_write_text(args.doc, text)
+    if args.plot and ppl:
+        plot(args, ppl, levels)
+    return text
+
+
+def _keys(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: {str(s): v for s, v in row.items()} for k, row in d.items()}
+
+
+def plot(args: argparse.Namespace, ppl: dict[str, dict[Any, float]], levels: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    style = {"gisp": "C0", "flap": "C1", "llm-pruner": "C2"}
+    marks = {0: "o-", 1: "s--", 2: "^:"}
+    for r in ROWS:
+        xs = [s for s in levels if s in ppl.get(r, {})]
+        if xs:
+            ax.plot([100 * s for s in xs], [ppl[r][s] for s in xs], marks[r.count("+")],
+                    color=style[r.split("+")[0]], alpha=1.0 if "lsq" in r or "+" not in r else 0.5, label=r)
+    if ppl.get("dense", {}).get(None):
+        ax.axhline(ppl["dense"][None], color="k", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameter sparsity (%)")
+    ax.set_ylabel(f"wiki perplexity ({args.window}-token windows)")
+    ax.set_title(f"{args.model}: raw (solid), +reconstruction (dashed), +recovery (dotted)")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, args.plot)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    args = parse()
+    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = set(args.stages.split(","))
+    clock, base = Clock(args.max_hours), Base(args.model)
+    if not args.only_summary:
+        if "compare" in stages and clock.open():
+            from gisp.compare import compare
+
+            compare(compare_config(args, out), progress=True, command=shlex.join(sys.argv),
+                    loaded=base.loaded)
+            print(report(args, out))
+        if "recover" in stages:
+            for s in floats(args.recover_levels):
+                for method, mode in RECOVERY:
+                    if clock.open():
+                        recovery_cell(args, out, base, method, mode, s)
+                        print(report(args, out))
+        if "accuracy" in stages:
+            for row, s in accuracy_plan(args):
+                if clock.open():
+                    accuracy_cell(args, out, base, row, s)
+                    print(report(args, out))
+    print(report(args, out))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
