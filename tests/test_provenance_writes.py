@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gisp.provenance import atomic_write_json, atomic_write_text, remove_stale_temporaries, replace_directory
+from gisp.outputs import staged
+from gisp.provenance import atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 
 @pytest.fixture
@@ -29,9 +30,8 @@ def test_files_and_directories_follow_the_umask(tmp_path, umask_027):
     atomic_write_text(tmp_path / "a.txt", "x")
     atomic_write_json(tmp_path / "b.json", {"x": 1})
     assert mode(tmp_path / "a.txt") == 0o640 and mode(tmp_path / "b.json") == 0o640
-    tmp = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".out.tmp"))
-    (tmp / "f").write_text("x")
-    replace_directory(tmp, tmp_path / "out")
+    with staged(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
     assert mode(tmp_path / "out") == 0o750
     os.umask(0o002)
     atomic_write_text(tmp_path / "a.txt", "y")  # replacing a file gives the new one the current umask's mode

@@ -119,24 +119,6 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def replace_directory(tmp: str | Path, out: str | Path) -> None:
-    """Move a completed temporary directory to its final name (replacing an old one there): a final name
-    never holds a partial result. The directory gets the mode the user's umask gives new directories."""
-    import shutil
-
-    tmp, out = Path(tmp), Path(out)
-    make_final(tmp, directory=True)
-    old = None
-    try:
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def save_figure(fig: Any, path: str | Path, *, tight: bool = True) -> Path:
     """Save a matplotlib figure as PNG atomically (``tight``: tight layout first) and close it."""
     import matplotlib.pyplot as plt

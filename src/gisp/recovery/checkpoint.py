@@ -12,15 +12,13 @@ A checkpoint is the directory ``OUT/checkpoint`` of an unfinished recovery
   and the training seconds so far.
 
 Each checkpoint is written into a temporary directory and moved into place
-(:func:`gisp.provenance.replace_directory`), so a kill at any moment leaves the
+(:func:`gisp.outputs.staged`), so a kill at any moment leaves the
 previous checkpoint or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gisp.errors import GispError
-from gisp.provenance import atomic_write_json, replace_directory
+from gisp.outputs import staged
+from gisp.provenance import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -83,17 +82,12 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(out: Path, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
     """Write ``OUT/checkpoint`` atomically (see the module docstring)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{CHECKPOINT_DIR}.tmp"))
-    try:
+    with staged(checkpoint_path(out)) as tmp:
         save_file({k: _plain(v) for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors(), str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / STATE_FILE, {"format": FORMAT, **state, "optimizer": opt_meta})
-        replace_directory(tmp, checkpoint_path(out))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_state(out: Path) -> dict[str, Any] | None:

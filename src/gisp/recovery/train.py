@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ from gisp.core.fingerprint import fingerprint
 from gisp.deploy.export import EXPORT_FILE, write_record
 from gisp.errors import GispError
 from gisp.loading import LoadedModel, load_model, load_pretrained, resolve_device
-from gisp.provenance import replace_directory, versions
+from gisp.outputs import staged
+from gisp.provenance import versions
 from gisp.recovery.checkpoint import (
     checkpoint_path,
     load_checkpoint,
@@ -408,16 +408,13 @@ def _weight_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def _write(src: Path, out: Path, model: nn.Module, record: dict[str, Any]) -> None:
     """The merged weights with the input's other files (config, tokenizer, ...) and the new record; replaces
     ``out`` (and its checkpoint) atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        weights = tmp / "weights"
+    with staged(out) as final:
+        weights = final / ".weights"
         model.save_pretrained(weights, safe_serialization=True)
-        final = tmp / "final"
-        final.mkdir()
         for pattern in WEIGHT_FILES:
             for f in weights.glob(pattern):
                 shutil.move(str(f), final / f.name)
+        shutil.rmtree(weights)
         for f in src.iterdir():
             if f.is_file() and f.name != EXPORT_FILE and not any(f.match(p) for p in WEIGHT_FILES):
                 shutil.copy2(f, final / f.name)
@@ -427,9 +424,6 @@ def _write(src: Path, out: Path, model: nn.Module, record: dict[str, Any]) -> No
             changed = sorted(set(before) ^ set(after)) or sorted(k for k in before if before[k] != after[k])
             raise GispError(f"the merged model's weights differ from the export's in '{changed[0]}': "
                             "this is a bug in gisp recover")
-        replace_directory(final, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _result_of(out: Path, record: dict[str, Any]) -> RecoverResult:
