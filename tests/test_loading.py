@@ -163,3 +163,15 @@ def test_a_gguf_file_beside_an_export_config_is_the_gguf(tiny_gguf, cache, tmp_p
     (d / "m.gguf").write_bytes(tiny_gguf.read_bytes())
     loaded = loading.load_model(str(d / "m.gguf"), dtype="fp32", device="cpu")
     assert loaded.path == str(d / "m.gguf") and loaded.model.config.model_type == "llama"
+
+
+def test_an_unwritable_cache_is_one_line_before_converting(tiny_gguf, tmp_path, monkeypatch):
+    """(Root ignores file modes, so the cache is made unusable by putting a regular file in its path.)"""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("GISP_CACHE", str(blocker / "cache"))
+    calls = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: calls.append(a))
+    with pytest.raises(GispError, match="cannot write the conversion cache .*set GISP_CACHE") as info:
+        loading.load_model(str(tiny_gguf), dtype="fp32", device="cpu")
+    assert "\n" not in str(info.value) and not calls  # refused before the dequantisation started

@@ -90,20 +90,24 @@ def _convert_gguf(gguf: Path, out: Path, sha256: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _silence_hf()
+    try:  # before the (long) dequantisation: an unwritable cache is one line at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    except OSError as e:
+        raise GispError(f"cannot write the conversion cache {out.parent} ({e.strerror or e}): set GISP_CACHE to a "
+                        "writable directory") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as e:  # transformers' GGUF reader: unsupported tensors, damaged data, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise GispError(f"could not convert {gguf} to a Hugging Face model ({first}): check the file, or give "
-                        "the model as a Hugging Face directory") from e
-    # The dequantised model is plain fp32: drop the GGUF quantisation marker so it saves.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # transformers' GGUF reader: unsupported tensors, damaged data, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise GispError(f"could not convert {gguf} to a Hugging Face model ({first}): check the file, or give "
+                            "the model as a Hugging Face directory") from e
+        # The dequantised model is plain fp32: drop the GGUF quantisation marker so it saves.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "gisp_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256}))
