@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default="runs/exp_quality")
     p.add_argument("--doc", default=None, help="write the markdown report here")
     p.add_argument("--plot", default=None, help="write the PNG (perplexity against sparsity) here")
+    p.add_argument("--notes", default=None, help="markdown file with the analysis, included as it is")
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     p.add_argument("--steps", type=int, default=10, help="GISP steps (every sparsity must be a step)")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -331,7 +332,8 @@ def report(args: argparse.Namespace, out: Path) -> str:
     data = collect(args, out)
     levels = floats(args.sparsities)
     ppl, acc, compute = data["ppl"], data["acc"], data["compute"]
-    cmd = shlex.join(["python", "scripts/exp_quality.py", *sys.argv[1:]])
+    shown = [a for a in sys.argv[1:] if a != "--only-summary"]  # the command that computes it all
+    cmd = shlex.join(["python", "scripts/exp_quality.py", *shown])
     head = " | ".join(f"{s:.0%}" for s in levels)
     lines = [
         "# Quality past the paper: reconstruction and recovery, side by side (SmolLM2-135M)", "",
@@ -359,6 +361,9 @@ def report(args: argparse.Namespace, out: Path) -> str:
         f"| row | {head} |", "|---|" + "---|" * len(levels)]
     for r in ROWS:
         lines.append(f"| {r} | " + " | ".join(_fmt(ppl.get(r, {}).get(s)) for s in levels) + " |")
+    if args.plot and args.doc:
+        rel = os.path.relpath(Path(args.plot).resolve(), Path(args.doc).resolve().parent)
+        lines += ["", f"![wiki perplexity against sparsity]({rel})"]
     lines += ["", f"## Mean accuracy ({len(args.tasks.split(','))} tasks)", ""]
     dense_acc = acc.get("dense", {}).get(None)
     lines += [f"Dense: {_fmt(dense_acc[0], '{:.3f}') if dense_acc else '—'}"
@@ -395,6 +400,8 @@ def report(args: argparse.Namespace, out: Path) -> str:
             row = ppl.get(f"{m}+lsq", {}).get(round(float(s), 4))
             lines.append(f"- {k}: export {v['ppl']:.4f} vs compare row {_fmt(row, '{:.4f}')} "
                          f"({v['export_s']:.0f} s to export)")
+    if args.notes:
+        lines += ["", Path(args.notes).read_text().strip()]
     info = machine()
     lines += ["", "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "."]
     text = "\n".join(lines) + "\n"
@@ -422,7 +429,7 @@ def plot(args: argparse.Namespace, ppl: dict[str, dict[Any, float]], levels: lis
     for r in ROWS:
         xs = [s for s in levels if s in ppl.get(r, {})]
         if xs:
-            ax.plot([100 * s for s in xs], [ppl[r][s] for s in xs], marks[r.count("+")],
+            ax.plot([100 * s for s in xs], [ppl[r][s] for s in xs], "v:" if r.endswith("kd") else marks[r.count("+")],
                     color=style[r.split("+")[0]], alpha=1.0 if "lsq" in r or "+" not in r else 0.5, label=r)
     if ppl.get("dense", {}).get(None):
         ax.axhline(ppl["dense"][None], color="k", lw=0.8, label="dense")
