@@ -50,6 +50,21 @@ def tiny_model(arch: str = "llama", kv_heads: int = 2, layers: int = 4, seed: in
     return model
 
 
+def one_thread_fixture(scope: str = "function"):
+    """An autouse fixture that runs a file's tests on one torch thread: tiny models are faster so, far
+    steadier on a busy shared 2-core machine, and it is what bit-equality is tested at. Bind it to a
+    module-level name: ``one_thread = one_thread_fixture()``."""
+
+    @pytest.fixture(autouse=True, scope=scope)
+    def one_thread():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)
+
+    return one_thread
+
+
 def random_calib(n: int = 10, seq_len: int = 24, seed: int = 0, vocab: int = VOCAB) -> CalibrationSet:
     g = torch.Generator().manual_seed(seed)
     return CalibrationSet([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(n)], {"name": "random"})

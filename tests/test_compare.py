@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tests.conftest import VOCAB, CharTokenizer, tiny_model
+from tests.conftest import VOCAB, CharTokenizer, one_thread_fixture, tiny_model
 
 import gisp
 import gisp.compare.runner as compare_mod
@@ -16,13 +16,7 @@ TOKENIZER = CharTokenizer()  # one instance: token streams are cached per tokeni
 METHODS = ["gisp", "flap", "wanda-sp", "shortgpt", "magnitude"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture("module")
 
 
 def config(out, **kw):

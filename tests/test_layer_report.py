@@ -4,8 +4,7 @@ import json
 import sys
 
 import pytest
-import torch
-from tests.conftest import random_calib, tiny_model
+from tests.conftest import one_thread_fixture, random_calib, tiny_model
 
 import gisp
 from gisp.architectures import layout_of
@@ -14,14 +13,7 @@ from gisp.baselines.base import trajectory_of
 from gisp.core.structures import Mask
 from gisp.layer_report import write_layer_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture("module")
 
 
 def synthetic_run(tmp_path, mlp_more: bool, late_more: bool):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import VOCAB, CharTokenizer, random_calib
+from tests.conftest import VOCAB, CharTokenizer, one_thread_fixture, random_calib
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from gisp.architectures import apply_mask, get_architecture, layout_of
@@ -38,13 +38,7 @@ WINDOW = 6  # sliding window, shorter than the 16-token inputs
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: fastest for tiny models, and far steadier than two on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 def tiny_gemma3(kv_heads: int = 2, layers: int = 6, seed: int = 0, attention_bias: bool = False) -> Gemma3ForCausalLM:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.conftest import random_calib, tiny_model
+from tests.conftest import one_thread_fixture, random_calib, tiny_model
 
 import gisp
 from gisp.architectures import apply_mask, layout_of
@@ -18,13 +18,7 @@ MASKING = [m for m in METHODS if not m.startswith("torch-pruning") and METHODS[m
 OPTS = {"gisp": {"steps": 10}}  # 10 linear steps to 0.5 stop at every level
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture("module")
 
 
 def run(name, kv=2, layers=4, levels=LEVELS, **opts):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.conftest import one_thread_fixture
 from tests.properties import (
     KNOWN_OPEN,
     World,
@@ -36,13 +37,7 @@ from tests.properties import (
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the tiny models are faster so on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_thread_fixture("module")
 
 
 # drawing a command line ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.conftest import one_thread_fixture
 from tests.properties import (
     World,
     budget,
@@ -35,12 +36,7 @@ from tests.properties import (
 COMMANDS = ("eval", "gguf", "vllm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_thread_fixture("module")
 
 
 def command(world: World, which: str, export: Path, tmp: Path) -> tuple[list[Any], Path]:

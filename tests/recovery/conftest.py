@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import random_calib, tiny_model
+from tests.conftest import one_thread_fixture, random_calib, tiny_model
 
 import gisp
 
@@ -15,13 +15,7 @@ WORDS = ("the model keeps every head that matters and the pruned layers learn ag
          "repeats a few plain sentences about cats dogs rivers and small towns in the north").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: fastest for tiny models, steady on a busy machine, and what bit-equality is tested at."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.conftest import one_thread_fixture
 from tests.properties import (
     KNOWN_OPEN,
     World,
@@ -39,12 +39,7 @@ COMMANDS = ("eval", "export", "list", "resume")
 LEVELS = ("0", "0.25", "0.5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_thread_fixture("module")
 
 
 def command(world: World, which: str, run: Path, level: str, tmp: Path) -> tuple[list[Any], Path | None]:
