@@ -45,7 +45,9 @@ TASKS = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 METHODS = ("gisp", "flap", "llm-pruner")
 RECOVERY = (("gisp", "lora"), ("gisp", "lora-kd"), ("flap", "lora"), ("llm-pruner", "lora"))
 ROWS = ["gisp", "gisp+bias", "gisp+lsq", "gisp+lsq+lora", "gisp+lsq+lora-kd",
-        "flap", "flap+lsq", "flap+lsq+lora", "llm-pruner", "llm-pruner+lsq", "llm-pruner+lsq+lora"]
+        "flap", "flap+bias", "flap+lsq", "flap+lsq+lora",
+        "llm-pruner", "llm-pruner+bias", "llm-pruner+lsq", "llm-pruner+lsq+lora"]
+TREATMENTS = ("", "+bias", "+lsq", "+lsq+lora")
 
 
 def parse() -> argparse.Namespace:
@@ -67,7 +69,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--recover-levels", default="0.3,0.5", help="levels that get recovery rows (first first)")
     p.add_argument("--recover-tokens", type=int, default=32768, help="training tokens of every recovery cell")
     p.add_argument("--recover-seq-len", type=int, default=256)
-    p.add_argument("--stages", default="compare,recover,accuracy")
+    p.add_argument("--more-steps", type=int, default=20,
+                   help="also run GISP alone with this many steps (same calibration): rows gisp/N; 0: no")
+    p.add_argument("--stages", default="compare,recover,steps,accuracy")
     p.add_argument("--max-hours", type=float, default=0.0, help="start no cell after this many hours; 0: none")
     p.add_argument("--only-summary", action="store_true", help="write the report of the cells done, run nothing")
     return p.parse_args()
@@ -87,12 +91,15 @@ class Clock:
         return not self.hours or time.time() - self.start < self.hours * 3600
 
 
-def compare_config(args: argparse.Namespace, out: Path) -> Any:
+def compare_config(args: argparse.Namespace, out: Path, steps: int | None = None) -> Any:
+    """The shared comparison; with ``steps``, GISP alone with that many steps (its own directory)."""
     from gisp.compare import CompareConfig
 
-    return CompareConfig(model=args.model, methods=list(METHODS), sparsities=floats(args.sparsities),
-                         out=str(out / "compare"), calib="c4", calib_samples=args.calib_samples,
-                         seq_len=args.seq_len, seed=0, steps=args.steps, ppl="wiki", window=args.window,
+    return CompareConfig(model=args.model, methods=["gisp"] if steps else list(METHODS),
+                         sparsities=floats(args.sparsities),
+                         out=str(out / (f"compare-steps{steps}" if steps else "compare")), calib="c4",
+                         calib_samples=args.calib_samples, seq_len=args.seq_len, seed=0, steps=steps or args.steps,
+                         ppl="wiki", window=args.window,
                          max_windows=args.max_windows, tasks=[], autocast=args.autocast, dtype="fp32",
                          device="cpu", reconstruct=["bias", "lsq"])
 
@@ -267,15 +274,19 @@ def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     ppl: dict[str, dict[Any, Any]] = {}
     acc: dict[str, dict[Any, Any]] = {}
     compute: dict[str, dict[Any, Any]] = {}
-    rows_dir = out / "compare" / "rows"
-    for f in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
-        r = json.loads(f.read_text())
-        s = None if r["method"] == "dense" else round(float(r["requested_sparsity"]), 4)
-        ppl.setdefault(r["method"], {})[s] = r["ppl"]["ppl"]
-        compute.setdefault(r["method"], {})[s] = {
-            "prune_s": r.get("run_seconds"), "run_levels": r.get("run_levels"),
-            "recon_s": (r.get("reconstruction") or {}).get("seconds"), "eval_s": r.get("eval_seconds"),
-            "sparsity": r.get("sparsity")}
+    more = out / f"compare-steps{args.more_steps}" / "rows"
+    for rows_dir, tag in ((out / "compare" / "rows", ""), (more, f"/{args.more_steps}")):
+        for f in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
+            r = json.loads(f.read_text())
+            if r["method"] == "dense" and tag:
+                continue
+            name = r["method"].replace("gisp", f"gisp{tag}", 1)
+            s = None if r["method"] == "dense" else round(float(r["requested_sparsity"]), 4)
+            ppl.setdefault(name, {})[s] = r["ppl"]["ppl"]
+            compute.setdefault(name, {})[s] = {
+                "prune_s": r.get("run_seconds"), "run_levels": r.get("run_levels"),
+                "recon_s": (r.get("reconstruction") or {}).get("seconds"), "eval_s": r.get("eval_seconds"),
+                "sparsity": r.get("sparsity")}
     for f in sorted((out / "recovery").glob("*.json")) if (out / "recovery").is_dir() else []:
         r = json.loads(f.read_text())
         s = round(float(r["sparsity"]), 4)
@@ -293,15 +304,21 @@ def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"ppl": ppl, "acc": acc, "compute": compute}
 
 
+def rows_of(args: argparse.Namespace) -> list[str]:
+    """The table's rows: the comparison's, the recovery rows, then GISP with ``--more-steps``."""
+    more = [f"gisp/{args.more_steps}{t}" for t in ("", "+bias", "+lsq")] if args.more_steps else []
+    return ROWS + more
+
+
 def _fmt(x: float | None, spec: str = "{:.2f}") -> str:
     return "—" if x is None else spec.format(x)
 
 
-def goals(data: dict[str, Any], levels: list[float]) -> list[str]:
+def goals(data: dict[str, Any], levels: list[float], rows: list[str]) -> list[str]:
     """The issue's goals, each checked against what is measured (or said to be unmeasured)."""
     ppl = data["ppl"]
     lines = []
-    free = [r for r in ROWS if r.count("+") < 2]
+    free = [r for r in rows if r.count("+") < 2]
     for s in levels:
         have = {r: ppl[r][s] for r in free if s in ppl.get(r, {})}
         if not have:
@@ -309,13 +326,18 @@ def goals(data: dict[str, Any], levels: list[float]) -> list[str]:
         best = min(have, key=have.get)
         lines.append(f"- {s:.0%}: best training-free row **{best}** ({have[best]:.2f}); "
                      f"gisp+lsq {_fmt(have.get('gisp+lsq'))}.")
-    for s in levels:
-        g = ppl.get("gisp+lsq", {}).get(s)
-        others = {r: ppl[r][s] for r in ("flap+lsq", "llm-pruner+lsq") if s in ppl.get(r, {})}
-        if g is not None and others:
-            best = min(others, key=others.get)
-            lines.append(f"- {s:.0%}, same treatment (+lsq): gisp+lsq / {best} = {g / others[best]:.3f} "
-                         f"(goal at 40-50%: at most 0.75).")
+    gisps = sorted({r.split("+")[0] for r in rows if r.startswith("gisp")})  # gisp, gisp/N
+    for gisp, t in [(g, t) for g in gisps for t in TREATMENTS if f"{g}{t}" in rows]:
+        ratios = []
+        for s in levels:
+            g = ppl.get(f"{gisp}{t}", {}).get(s)
+            others = {f"{m}{t}": ppl[f"{m}{t}"][s] for m in METHODS[1:] if s in ppl.get(f"{m}{t}", {})}
+            if g is not None and others:
+                best = min(others, key=others.get)
+                ratios.append(f"{s:.0%}: {g / others[best]:.3f} (vs {best})")
+        if ratios:
+            lines.append(f"- same treatment ({t[1:] or 'raw'}): {gisp}{t} / best other = " + "; ".join(ratios) +
+                         " (goal at 40-50%: at most 0.75).")
     dense = ppl.get("dense", {}).get(None)
     for s in levels:
         start = ppl.get("gisp+lsq", {}).get(s)
@@ -332,6 +354,7 @@ def report(args: argparse.Namespace, out: Path) -> str:
     data = collect(args, out)
     levels = floats(args.sparsities)
     ppl, acc, compute = data["ppl"], data["acc"], data["compute"]
+    rows = rows_of(args)
     shown = [a for a in sys.argv[1:] if a != "--only-summary"]  # the command that computes it all
     cmd = shlex.join(["python", "scripts/exp_quality.py", *shown])
     head = " | ".join(f"{s:.0%}" for s in levels)
@@ -359,7 +382,7 @@ def report(args: argparse.Namespace, out: Path) -> str:
         "## Wiki perplexity", "",
         f"Dense: {_fmt(ppl.get('dense', {}).get(None))}.", "",
         f"| row | {head} |", "|---|" + "---|" * len(levels)]
-    for r in ROWS:
+    for r in rows:
         lines.append(f"| {r} | " + " | ".join(_fmt(ppl.get(r, {}).get(s)) for s in levels) + " |")
     if args.plot and args.doc:
         rel = os.path.relpath(Path(args.plot).resolve(), Path(args.doc).resolve().parent)
@@ -369,20 +392,20 @@ def report(args: argparse.Namespace, out: Path) -> str:
     lines += [f"Dense: {_fmt(dense_acc[0], '{:.3f}') if dense_acc else '—'}"
               f"{' ± ' + format(dense_acc[1], '.3f') if dense_acc else ''}.", "",
               f"| row | {head} |", "|---|" + "---|" * len(levels)]
-    for r in ROWS:
+    for r in rows:
         cells = []
         for s in levels:
             a = acc.get(r, {}).get(s)
             cells.append("—" if a is None else f"{a[0]:.3f} ± {a[1]:.3f}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     lines += ["", "— : not measured yet (rerun the command to continue).", "", "## Against the goals", ""]
-    lines += goals(data, levels) or ["- nothing measured yet"]
+    lines += goals(data, levels, rows) or ["- nothing measured yet"]
     lines += ["", "## Compute of every cell (seconds, this machine)", "",
               "Pruning time is the whole run of the method (GISP and FLAP: one nested run for every level); "
               "reconstruction and evaluation are per cell; recovery is training time only.", "",
               "| row | level | prune | reconstruct | train | ppl eval | accuracy eval |",
               "|---|---|---|---|---|---|---|"]
-    for r in ["dense", *ROWS]:
+    for r in ["dense", *rows]:
         for s in ([None] if r == "dense" else levels):
             c = compute.get(r, {}).get(s)
             a = acc.get(r, {}).get(s)
@@ -424,9 +447,9 @@ def plot(args: argparse.Namespace, ppl: dict[str, dict[Any, float]], levels: lis
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    style = {"gisp": "C0", "flap": "C1", "llm-pruner": "C2"}
+    style = {"gisp": "C0", "flap": "C1", "llm-pruner": "C2", f"gisp/{args.more_steps}": "C3"}
     marks = {0: "o-", 1: "s--", 2: "^:"}
-    for r in ROWS:
+    for r in rows_of(args):
         xs = [s for s in levels if s in ppl.get(r, {})]
         if xs:
             ax.plot([100 * s for s in xs], [ppl[r][s] for s in xs], "v:" if r.endswith("kd") else marks[r.count("+")],
@@ -455,6 +478,12 @@ def main() -> None:
             from gisp.compare import compare
 
             compare(compare_config(args, out), progress=True, command=shlex.join(sys.argv),
+                    loaded=base.loaded)
+            print(report(args, out))
+        if "steps" in stages and args.more_steps and clock.open():
+            from gisp.compare import compare
+
+            compare(compare_config(args, out, args.more_steps), progress=True, command=shlex.join(sys.argv),
                     loaded=base.loaded)
             print(report(args, out))
         if "recover" in stages:
