@@ -109,6 +109,8 @@ def test_overwrite_replaces_only_our_exports(run_on_disk, tmp_path):
     (("--max-params", "0", "--out", "NEW"), "--max-params must be positive"),
     (("--sparsity", "0.9", "--out", "NEW"), "this run holds sparsities up to"),
     (("--sparsity", "0.9", "--out", "NEW", "--format", "vllm"), "this run holds sparsities up to"),
+    (("--sparsity", "0.3", "--out", "NEW", "--outtype", "q8_0"), "--outtype sets the weight type of --format gguf"),
+    (("--sparsity", "0.3", "--out", "NEW", "--format", "vllm", "--outtype", "f16"), "for --format vllm give --dtype"),
 ])
 def test_bad_requests_fail_in_one_line_before_loading(run_on_disk, monkeypatch, capsys, tmp_path, args, match):
     """The run's base model is made unloadable: each error must come before any load."""

@@ -44,7 +44,7 @@ def export_command(
     list_levels: bool = typer.Option(False, "--list", help="List every step's sparsity, size, known ppl."),
     fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory), gguf (files for llama.cpp) or "
                             "vllm (for vLLM's DeciLMForCausalLM: vllm serve DIR, gisp installed next to it)."),
-    outtype: str = typer.Option("f32", help="gguf weight type: f32, f16, bf16, q8_0."),
+    outtype: str = typer.Option(None, help="gguf weight type: f32 (default), f16, bf16, q8_0."),
     *,
     recon: ReconOptions,
 ) -> None:
@@ -53,6 +53,9 @@ def export_command(
         raise GispError("give --uniform (keep every structure of the level) or --uniform-cut (the level's size), "
                         "not both")
     uniform = "cut" if uniform_cut else uniform
+    if outtype is not None and fmt != "gguf":
+        raise GispError(f"--outtype sets the weight type of --format gguf; for --format {fmt} give --dtype fp32, bf16 "
+                        "or fp16")
     from gisp.deploy.export import export
     from gisp.deploy.levels import levels
     from gisp.loading import load_base_model, torch_dtype
@@ -73,8 +76,8 @@ def export_command(
         if dtype is not None:
             raise GispError("--dtype sets the weights of --format hf; for gguf give --outtype f32, f16, bf16 or q8_0")
         return gguf_export_command(run, out, sparsity=sparsity, step=step, max_params=max_params,
-                                   max_size_gb=max_size_gb, outtype=outtype, gqa=gqa, round_to=round_to,
-                                   uniform=uniform, overwrite=overwrite, recon=recon)
+                                   max_size_gb=max_size_gb, outtype="f32" if outtype is None else outtype, gqa=gqa,
+                                   round_to=round_to, uniform=uniform, overwrite=overwrite, recon=recon)
     if out is None:
         raise GispError("give --out DIR to write the export (or --list to see the levels)")
     if fmt == "vllm":
