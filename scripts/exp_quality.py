@@ -10,6 +10,7 @@ windows of the evaluation part; the 7-task mean accuracy on held-out items):
 * recovery rows: each method's +lsq level exported (``gisp.export``), then
   ``gisp recover`` with LoRA (every method, same token budget) and, for GISP,
   LoRA distilled from the dense model (``--teacher-from-run``);
+* GISP alone with ``--more-steps`` (20) on the same calibration tokens: rows gisp/20;
 * accuracy: every row above, cheapest to decide first (dense, then 30% and 50%).
 
 Everything is cached under ``--out`` cell by cell (compare rows, exports,
@@ -18,7 +19,8 @@ over several sessions, continues where it stopped: rerun the same command.
 ``--max-hours`` starts no new cell after the limit; ``--only-summary`` writes the
 report of what is done. The report (``--doc``) states the compute of every cell.
 
-    nohup python scripts/exp_quality.py --doc docs/exp_quality.md --plot docs/exp_quality.png &
+    nohup python scripts/exp_quality.py --doc docs/exp_quality.md --plot docs/exp_quality.png \
+        --notes docs/exp_quality_notes.md &
 """
 
 from __future__ import annotations
