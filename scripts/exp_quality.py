@@ -200,14 +200,14 @@ def recovery_cell(args: argparse.Namespace, out: Path, base: Base, method: str, 
 
 
 def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> tuple[Any, Any]:
-    """The model a table row stands for, built exactly as its perplexity cell built it."""
+    """The model a table row stands for, built exactly as its perplexity cell built it, and the output
+    biases to switch on while it is evaluated (``None`` for none)."""
     from gisp.loading import load_pretrained
 
-    tok = base.loaded.tokenizer
     if row == "dense":
-        return base.loaded.model, tok
+        return base.loaded.model, None
     if row.count("+") == 2:  # a recovery row
-        return load_pretrained(out / "recovery" / f"{row}@{s:g}", dtype="fp32", device="cpu").model, tok
+        return load_pretrained(out / "recovery" / f"{row}@{s:g}", dtype="fp32", device="cpu").model, None
     from gisp.architectures import apply_mask
     from gisp.compare.runner import Store
     from gisp.core.calibration import build_calibration
@@ -217,18 +217,10 @@ def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float
     lv = Store(out / "compare").load_level(method, s)
     model = copy.deepcopy(base.loaded.model)
     if recon:
-        calib = build_calibration("lm", "c4", tok, args.calib_samples, args.seq_len, 0)
-        done = reconstruct(model, lv.mask, calib, recon)
-        return _Compensated(model, done.biases), tok
+        calib = build_calibration("lm", "c4", base.loaded.tokenizer, args.calib_samples, args.seq_len, 0)
+        return model, reconstruct(model, lv.mask, calib, recon).biases
     apply_mask(model, lv.mask)
-    return _Compensated(model, lv.compensation), tok
-
-
-class _Compensated:
-    """A masked model with its output biases switched on while it is evaluated."""
-
-    def __init__(self, model: Any, biases: Any) -> None:
-        self.model, self.biases = model, biases
+    return model, lv.compensation
 
 
 def accuracy_cell(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> dict[str, Any]:
@@ -240,17 +232,13 @@ def accuracy_cell(args: argparse.Namespace, out: Path, base: Base, row: str, s: 
     if cfile.is_file():
         return json.loads(cfile.read_text())
     t0 = time.perf_counter()
-    model, tok = model_of(args, out, base, row, s)
-    build = time.perf_counter() - t0
-    biases = None
-    if isinstance(model, _Compensated):
-        model, biases = model.model, model.biases
+    model, biases = model_of(args, out, base, row, s)
     t1 = time.perf_counter()
     with apply_compensation(model, biases):
-        tasks = evaluate_tasks(model, tok, args.tasks.split(","), limit=args.limit, progress=True)
+        tasks = evaluate_tasks(model, base.loaded.tokenizer, args.tasks.split(","), limit=args.limit, progress=True)
     rec = {"row": row, "sparsity": s, "tasks": tasks, "mean_acc": mean_accuracy(tasks),
            "mean_acc_se": math.sqrt(sum(t["stderr"] ** 2 for t in tasks.values())) / len(tasks),
-           "build_seconds": build, "eval_seconds": time.perf_counter() - t1}
+           "build_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
     atomic_write_json(cfile, rec)
     return rec
 
