@@ -17,6 +17,7 @@ import os
 import queue
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -126,7 +127,10 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pat
     try:
         t0 = time.monotonic()
         assert worker.wait(worker.start(ref)) == 0, (tmp_path / "worker.err").read_text()
-        duration = time.monotonic() - t0
+        # one step's time as the reference recorded it (the whole run's time includes start-up, and a delay that
+        # long lets several steps pass, so the run can finish before the plan's kills have landed)
+        step_seconds = statistics.median(st["seconds"] for st in json.loads((ref / "trajectory.json").read_text())
+                                         ["steps"] if st.get("seconds"))
         reader.start()
         last, kills = 0, 0
         for fault in PLAN:
@@ -134,7 +138,7 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pat
                 break
             if fault == "timed":
                 pid = worker.start(run)
-                kill_at_random(pid, run, rng, duration / CFG["steps"])
+                kill_at_random(pid, run, rng, step_seconds)
             else:
                 pid = worker.start(run, *fault)
             code = worker.wait(pid)
