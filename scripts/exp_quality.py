@@ -199,16 +199,17 @@ def recovery_cell(args: argparse.Namespace, out: Path, base: Base, method: str, 
 # ------------------------------------------------------------------------------------------- accuracy cells
 
 
-def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> tuple[Any, Any]:
-    """The model a table row stands for, built exactly as its perplexity cell built it, and the output
-    biases to switch on while it is evaluated (``None`` for none)."""
+def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> Any:
+    """The model a table row stands for, built exactly as its perplexity cell built it and then physically
+    sliced (biases folded into o_proj/down_proj), so that accuracy runs at the pruned model's cost."""
     from gisp.loading import load_pretrained
 
     if row == "dense":
-        return base.loaded.model, None
-    if row.count("+") == 2:  # a recovery row
-        return load_pretrained(out / "recovery" / f"{row}@{s:g}", dtype="fp32", device="cpu").model, None
+        return base.loaded.model
+    if row.count("+") == 2:  # a recovery row: already a sliced export
+        return load_pretrained(out / "recovery" / f"{row}@{s:g}", dtype="fp32", device="cpu").model
     from gisp.architectures import apply_mask
+    from gisp.architectures.slicing import slim_model
     from gisp.compare.runner import Store
     from gisp.core.calibration import build_calibration
     from gisp.deploy.reconstruct import reconstruct
@@ -218,13 +219,14 @@ def model_of(args: argparse.Namespace, out: Path, base: Base, row: str, s: float
     model = copy.deepcopy(base.loaded.model)
     if recon:
         calib = build_calibration("lm", "c4", base.loaded.tokenizer, args.calib_samples, args.seq_len, 0)
-        return model, reconstruct(model, lv.mask, calib, recon).biases
-    apply_mask(model, lv.mask)
-    return model, lv.compensation
+        biases = reconstruct(model, lv.mask, calib, recon).biases
+    else:
+        apply_mask(model, lv.mask)
+        biases = lv.compensation
+    return slim_model(model, lv.mask, biases=biases)
 
 
 def accuracy_cell(args: argparse.Namespace, out: Path, base: Base, row: str, s: float | None) -> dict[str, Any]:
-    from gisp.baselines import apply_compensation
     from gisp.compare.runner import mean_accuracy
     from gisp.tasks import evaluate_tasks
 
@@ -232,12 +234,12 @@ def accuracy_cell(args: argparse.Namespace, out: Path, base: Base, row: str, s: 
     if cfile.is_file():
         return json.loads(cfile.read_text())
     t0 = time.perf_counter()
-    model, biases = model_of(args, out, base, row, s)
+    model = model_of(args, out, base, row, s)
     t1 = time.perf_counter()
-    with apply_compensation(model, biases):
-        tasks = evaluate_tasks(model, base.loaded.tokenizer, args.tasks.split(","), limit=args.limit, progress=True)
+    tasks = evaluate_tasks(model, base.loaded.tokenizer, args.tasks.split(","), limit=args.limit, progress=True)
     rec = {"row": row, "sparsity": s, "tasks": tasks, "mean_acc": mean_accuracy(tasks),
            "mean_acc_se": math.sqrt(sum(t["stderr"] ** 2 for t in tasks.values())) / len(tasks),
+           "model": "physically sliced (biases folded into o_proj/down_proj)" if s is not None else "dense",
            "build_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
     atomic_write_json(cfile, rec)
     return rec
@@ -382,13 +384,16 @@ def report(args: argparse.Namespace, out: Path) -> str:
     lines += [f"Dense: {_fmt(dense_acc[0], '{:.3f}') if dense_acc else '—'}"
               f"{' ± ' + format(dense_acc[1], '.3f') if dense_acc else ''}.", "",
               f"| row | {head} |", "|---|" + "---|" * len(levels)]
-    for r in rows:
+    planned = set(accuracy_plan(args))
+    for r in [r for r in rows if any((r, s) in planned for s in levels)]:
         cells = []
         for s in levels:
             a = acc.get(r, {}).get(s)
-            cells.append("—" if a is None else f"{a[0]:.3f} ± {a[1]:.3f}")
+            cells.append(("—" if (r, s) in planned else "n/p") if a is None else f"{a[0]:.3f} ± {a[1]:.3f}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "— : not measured yet (rerun the command to continue).", "", "## Against the goals", ""]
+    lines += ["", "— : planned, not measured yet (rerun the command to continue); n/p: not in the accuracy plan "
+              "(recovery rows are trained at 30% and 50% only). Rows without any planned cell are left out.", "",
+              "## Against the goals", ""]
     lines += goals(data, levels, rows) or ["- nothing measured yet"]
     lines += ["", "## Compute of every cell (seconds, this machine)", "",
               "Pruning time is the whole run of the method (GISP and FLAP: one nested run for every level); "

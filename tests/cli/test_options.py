@@ -78,8 +78,8 @@ def test_demo_takes_three_settings_with_its_own_defaults(monkeypatch):
     assert "--target" not in text and "--objective" not in text
     seen = _capture(monkeypatch, "demo_cmd")
     CliRunner().invoke(app, ["demo", "--seq-len", "64"])
-    assert seen["config"] == PruneConfig(target=0.5, steps=16, calib="c4", calib_samples=64, seq_len=64,
-                                         autocast="bf16")
+    assert seen["config"] == PruneConfig(target=0.5, steps=10, calib="c4", calib_samples=64, seq_len=64,
+                                         autocast="bf16", shrink_every=1)
 
 
 @dataclass
