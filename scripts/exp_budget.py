@@ -5,11 +5,11 @@ Two curves on SmolLM2-135M, each point one GISP run to 50% parameter sparsity re
 at 30% and 50% (prune once, deploy many), scored by wiki perplexity (eval part,
 128-token windows):
 
-* steps: 5, 10, 20, 40 at a fixed calibration budget (``--tokens``, default 4k);
-* calibration tokens: 4k ... 32k (``--seq-len``-token c4 windows) at fixed ``--fixed-steps`` (10).
+* steps: 5 ... 80 at a fixed calibration budget (``--tokens``, default 4k);
+* calibration tokens: 4k ... 256k (``--seq-len``-token c4 windows) at fixed ``--fixed-steps`` (10).
 
-The default grids are what two CPU cores finish in about two hours; widen them with
-``--steps-grid``/``--tokens-grid`` on a bigger machine (cells already done are kept).
+The default grids are the issue's (several hours on one CPU core, run cheapest first); change them with
+``--steps-grid``/``--tokens-grid`` (cells already done are kept).
 
 Every cell is a plain ``gisp prune ... --resume`` followed by ``gisp eval``, so a
 killed experiment (or one spread over several sessions) continues where it stopped:
@@ -17,8 +17,12 @@ rerun the same command. Cells run cheapest first; ``--max-hours`` stops before a
 cell that would start after the limit. Writes ``summary.json``, the markdown
 (``--doc``) and a plot (``--plot``) from whatever cells are done.
 
+``--record`` is a JSON file kept in the repository with every finished cell (its numbers and
+commands, not the pruned runs): cells found there are not run again, so the table survives the
+loss of ``--out`` (a new machine, a cleaned ``runs/``) and grows across sessions.
+
     OMP_NUM_THREADS=1 nohup python scripts/exp_budget.py --doc docs/exp_budget.md --plot docs/exp_budget.png \
-        --notes docs/exp_budget_notes.md &
+        --notes docs/exp_budget_notes.md --record docs/exp_budget.json &
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--doc", default=None, help="write the markdown summary here")
     p.add_argument("--plot", default=None, help="write the PNG of both curves here")
     p.add_argument("--notes", default=None, help="markdown file with the analysis, included as it is")
-    p.add_argument("--steps-grid", default="5,10,20,40")
-    p.add_argument("--tokens-grid", default="4096,8192,16384,32768")
+    p.add_argument("--record", default=None, help="JSON of finished cells, read first and rewritten after each cell")
+    p.add_argument("--steps-grid", default="5,10,20,40,80")
+    p.add_argument("--tokens-grid", default="4096,8192,16384,32768,65536,131072,262144")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens of the steps curve")
     p.add_argument("--fixed-steps", type=int, default=10, help="steps of the calibration curve")
     p.add_argument("--seq-len", type=int, default=256)
@@ -102,12 +107,15 @@ def run_cell(args: argparse.Namespace, cell: dict[str, int], out: Path) -> dict[
               "prune_wall_s_this_session": round(t1 - t0, 1), "eval_wall_s": round(t2 - t1, 1),
               "prune_time_s_recorded": sum(st.get("seconds", 0.0) for st in traj.get("steps", [])),
               "eval": json.loads((cdir / "eval.json").read_text())}
+    result["ppl"] = level_ppl(result)
     atomic_write_json(result_file, result)
     return result
 
 
 def level_ppl(result: dict[str, Any]) -> dict[str, float]:
     """requested sparsity (as text) -> wiki perplexity, from the eval JSON of a cell."""
+    if "ppl" in result:  # cells kept in --record may carry only the numbers
+        return result["ppl"]
     return {f"{float(row['requested_sparsity']):.2f}": row["ppl"]["ppl"] for row in result["eval"]["rows"]}
 
 
@@ -141,6 +149,9 @@ def summary(args: argparse.Namespace, done: list[dict[str, Any]], out: Path) -> 
     lines += ["", "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "."]
     text = "\n".join(lines) + "\n"
     atomic_write_json(out / "summary.json", {"cells": done, "missing": missing, "machine": info})
+    if args.record:
+        atomic_write_json(args.record, {"about": RECORD_ABOUT, "cells": sorted(done, key=lambda r: r["cell"]),
+                                        "missing": missing, "machine": info})
     if args.doc:
         atomic_write_text(args.doc, text)
     if args.plot and done:
@@ -173,16 +184,30 @@ def plot(args: argparse.Namespace, done: list[dict[str, Any]], levels: list[str]
     save_figure(fig, args.plot)
 
 
+RECORD_ABOUT = ("Finished cells of scripts/exp_budget.py (numbers and commands; the pruned runs stay in --out). "
+                "Cells with 'recovered_from' were rebuilt from the committed report after their run directories "
+                "were lost: they hold only the reported numbers.")
+
+
+def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Cells kept in ``--record``, by name."""
+    if not args.record or not Path(args.record).is_file():
+        return {}
+    return {r["cell"]: r for r in json.loads(Path(args.record).read_text())["cells"]}
+
+
 def main() -> None:
     args = parse()
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    kept = recorded(args)
     done = []
     for cell in cells(args):
-        cached = out / "cells" / f"s{cell['steps']}_t{cell['tokens']}" / "result.json"
-        if cached.exists():
-            done.append(json.loads(cached.read_text()))
+        name = f"s{cell['steps']}_t{cell['tokens']}"
+        cached = out / "cells" / name / "result.json"
+        if cached.exists() or name in kept:
+            done.append(json.loads(cached.read_text()) if cached.exists() else kept[name])
             continue
         if args.only_summary or (args.max_hours and time.time() - start > args.max_hours * 3600):
             continue
@@ -191,6 +216,8 @@ def main() -> None:
     # cells of earlier grids stay in the table (same protocol, other points); only the curves' cells are plotted
     names = {r["cell"] for r in done}
     done += [json.loads(f.read_text()) for f in sorted(out.glob("cells/*/result.json")) if f.parent.name not in names]
+    names = {r["cell"] for r in done}
+    done += [r for n, r in sorted(kept.items()) if n not in names]
     summary(args, done, out)
 
 

@@ -19,8 +19,13 @@ over several sessions, continues where it stopped: rerun the same command.
 ``--max-hours`` starts no new cell after the limit; ``--only-summary`` writes the
 report of what is done. The report (``--doc``) states the compute of every cell.
 
+``--record`` is a JSON file kept in the repository with every finished number (not the
+models): a cell found there is not computed again, so the report survives the loss of
+``--out`` (a new machine, a cleaned ``runs/``) and grows across sessions. A number
+computed again in ``--out`` replaces the recorded one.
+
     nohup python scripts/exp_quality.py --doc docs/exp_quality.md --plot docs/exp_quality.png \
-        --notes docs/exp_quality_notes.md &
+        --notes docs/exp_quality_notes.md --record docs/exp_quality.json &
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--doc", default=None, help="write the markdown report here")
     p.add_argument("--plot", default=None, help="write the PNG (perplexity against sparsity) here")
     p.add_argument("--notes", default=None, help="markdown file with the analysis, included as it is")
+    p.add_argument("--record", default=None, help="JSON of finished numbers, read first and rewritten after each cell")
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     p.add_argument("--steps", type=int, default=10, help="GISP steps (every sparsity must be a step)")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -261,11 +267,32 @@ def accuracy_plan(args: argparse.Namespace) -> list[tuple[str, float | None]]:
 # ------------------------------------------------------------------------------------------------- report
 
 
+RECORD_ABOUT = ("Every finished number of scripts/exp_quality.py: ppl[row][sparsity], acc[row][sparsity] = "
+                "[mean, standard error, eval seconds], compute[row][sparsity]. Models stay in --out.")
+
+
+def _level(key: str) -> float | None:
+    return None if key == "None" else round(float(key), 4)
+
+
+def recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """The numbers kept in ``--record`` (same shape as :func:`collect`); empty without one."""
+    empty: dict[str, Any] = {"ppl": {}, "acc": {}, "compute": {}}
+    if not args.record or not Path(args.record).is_file():
+        return empty
+    rec = json.loads(Path(args.record).read_text())
+    for part in empty:
+        for row, cells in rec.get(part, {}).items():
+            empty[part][row] = dict(cells) if row == "exports" else {_level(k): v for k, v in cells.items()}
+    return empty
+
+
 def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Every finished number: ppl[row][s], acc[row][s], compute[row][s]."""
-    ppl: dict[str, dict[Any, Any]] = {}
-    acc: dict[str, dict[Any, Any]] = {}
-    compute: dict[str, dict[Any, Any]] = {}
+    """Every finished number: ppl[row][s], acc[row][s], compute[row][s]; those in ``--out`` over the record's."""
+    kept = recorded(args)
+    ppl: dict[str, dict[Any, Any]] = kept["ppl"]
+    acc: dict[str, dict[Any, Any]] = kept["acc"]
+    compute: dict[str, dict[Any, Any]] = kept["compute"]
     more = out / f"compare-steps{args.more_steps}" / "rows"
     for rows_dir, tag in ((out / "compare" / "rows", ""), (more, f"/{args.more_steps}")):
         for f in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
@@ -424,6 +451,11 @@ def report(args: argparse.Namespace, out: Path) -> str:
     lines += ["", "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "."]
     text = "\n".join(lines) + "\n"
     atomic_write_json(out / "summary.json", {**{k: _keys(v) for k, v in data.items()}, "machine": info})
+    if args.record:
+        old = json.loads(Path(args.record).read_text()) if Path(args.record).is_file() else {}
+        kept = {"recovered_from": old["recovered_from"]} if "recovered_from" in old else {}
+        atomic_write_json(args.record, {"about": RECORD_ABOUT, **kept, **{k: _keys(v) for k, v in data.items()},
+                                        "machine": info})
     if args.doc:
         atomic_write_text(args.doc, text)
     if args.plot and ppl:
@@ -468,27 +500,37 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
     clock, base = Clock(args.max_hours), Base(args.model)
+    kept = recorded(args)
+    levels = floats(args.sparsities)
+    compare_rows = [r for r in ROWS if r.count("+") < 2]
+    todo_acc = [(r, s) for r, s in accuracy_plan(args) if s not in kept["acc"].get(r, {})]
+    todo_rec = [(m, mode, s) for s in floats(args.recover_levels) for m, mode in RECOVERY
+                if s not in kept["ppl"].get(f"{m}+lsq+{mode}", {})]
+    # the comparison's levels are the input of every other cell: computed again when any of them is pending
+    need_compare = (todo_rec or any(r != "dense" and r.count("+") < 2 for r, _ in todo_acc)
+                    or any(s not in kept["ppl"].get(r, {}) for r in compare_rows for s in levels))
+    need_steps = any(s not in kept["ppl"].get(r, {}) for r in rows_of(args) if r.startswith("gisp/")
+                     for s in levels)
     if not args.only_summary:
-        if "compare" in stages and clock.open():
+        if "compare" in stages and need_compare and clock.open():
             from gisp.compare import compare
 
             compare(compare_config(args, out), progress=True, command=shlex.join(sys.argv),
                     loaded=base.loaded)
             print(report(args, out))
-        if "steps" in stages and args.more_steps and clock.open():
+        if "steps" in stages and args.more_steps and need_steps and clock.open():
             from gisp.compare import compare
 
             compare(compare_config(args, out, args.more_steps), progress=True, command=shlex.join(sys.argv),
                     loaded=base.loaded)
             print(report(args, out))
         if "recover" in stages:
-            for s in floats(args.recover_levels):
-                for method, mode in RECOVERY:
-                    if clock.open():
-                        recovery_cell(args, out, base, method, mode, s)
-                        print(report(args, out))
+            for method, mode, s in todo_rec:
+                if clock.open():
+                    recovery_cell(args, out, base, method, mode, s)
+                    print(report(args, out))
         if "accuracy" in stages:
-            for row, s in accuracy_plan(args):
+            for row, s in todo_acc:
                 if clock.open():
                     accuracy_cell(args, out, base, row, s)
                     print(report(args, out))

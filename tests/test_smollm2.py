@@ -14,7 +14,7 @@ def test_smollm2_prune_and_perplexity_rises(smollm2, tmp_path):
     import copy
 
     model = copy.deepcopy(smollm2.model)
-    config = gisp.PruneConfig(target=0.5, steps=3, calib="c4", calib_samples=8, seq_len=64, autocast="bf16")
+    config = gisp.PruneConfig(target=0.5, steps=3, calib="c4", calib_samples=8, seq_len=64)
     calib = gisp.build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
     traj = gisp.prune(model, config, calib, run_dir=tmp_path, model_info={"name": "smollm2-135m"}, progress=False)
     assert traj.completed and traj.layout.protected == frozenset({0, 1, 2, 29})

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import gisp
 from gisp.cli import app
 from gisp.cli.common import config_options, field_docs, with_config
+from gisp.cli.demo_cmd import demo_autocast
 from gisp.run import PruneConfig
 
 FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
@@ -78,8 +79,16 @@ def test_demo_takes_three_settings_with_its_own_defaults(monkeypatch):
     assert "--target" not in text and "--objective" not in text
     seen = _capture(monkeypatch, "demo_cmd")
     CliRunner().invoke(app, ["demo", "--seq-len", "64"])
-    assert seen["config"] == PruneConfig(target=0.5, steps=10, calib="c4", calib_samples=64, seq_len=64,
-                                         autocast="bf16", shrink_every=1)
+    assert seen["config"] == PruneConfig(target=0.5, steps=5, calib="c4", calib_samples=16, seq_len=64,
+                                         autocast=demo_autocast(), shrink_every=1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_uses_bf16_only_where_the_hardware_has_it(monkeypatch, native):
+    monkeypatch.setattr("gisp.run.gradients.native_bf16", lambda device: native)
+    seen = _capture(monkeypatch, "demo_cmd")
+    CliRunner().invoke(app, ["demo"])
+    assert seen["config"].autocast == ("bf16" if native else "none")
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_smollm2_elastic_from_run_matches_exports(smollm2, tmp_path):
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 4, 64, 0)
     run = tmp_path / "run"
     traj = gisp.prune(copy.deepcopy(base), gisp.PruneConfig(target=0.3, steps=3, batch_size=4, calib_samples=4,
-                                                             seq_len=64, autocast="bf16"),
+                                                             seq_len=64),
                       calib, run_dir=run, progress=False,
                       model_info={"name": "smollm2-135m", "path": smollm2.path})
     el = ElasticModel.from_run(run, dtype="fp32", device="cpu")

@@ -385,7 +385,7 @@ def test_smollm2_exports_are_exact_and_counted(smollm2, tmp_path):
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
     run = tmp_path / "run"
     traj = gisp.prune(copy.deepcopy(base), gisp.PruneConfig(target=0.3, steps=3, batch_size=8, calib_samples=8,
-                                                             seq_len=64, autocast="bf16"),
+                                                             seq_len=64),
                       calib, run_dir=run, progress=False,
                       model_info={"name": "smollm2-135m", "path": smollm2.path})
     listing = {lv.step: lv for lv in levels(traj, base)}

@@ -330,7 +330,7 @@ def test_smollm2_levels_in_llamacpp(smollm2, tmp_path):
     run = tmp_path / "run"
     calib = build_calibration("lm", "c4", smollm2.tokenizer, 8, 64, 0)
     gisp.prune(copy.deepcopy(smollm2.model), gisp.PruneConfig(target=0.5, steps=2, batch_size=8, calib_samples=8,
-                                                              seq_len=64, autocast="bf16"),
+                                                              seq_len=64),
                calib, run_dir=run, progress=False, model_info={"name": "smollm2-135m", "path": smollm2.path})
     text = "The capital of France is Paris. The capital of Italy is Rome. Once upon a time, there was a"
     for s in (step["sparsity"] for step in gisp.Trajectory.load(run).steps[1:]):

@@ -51,7 +51,9 @@ class PruneConfig:
     protect_last: int = 1
     """Trailing layers never pruned."""
     autocast: str = "none"
-    """Mixed precision for the forward/backward (none, bf16, fp16); weights keep their dtype."""
+    """Mixed precision for the forward/backward (none, bf16, fp16); weights keep their dtype. bf16 pays only
+    where the hardware has it (CUDA, a CPU with AVX-512/AMX); elsewhere it is emulated, about 10x slower, and
+    gisp warns."""
     seed: int = 0
     """Seed of the calibration sampling."""
     grad_checkpointing: bool = False

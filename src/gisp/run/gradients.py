@@ -12,6 +12,7 @@ would.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,31 @@ def _autocast(model: nn.Module, mode: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run in hardware on ``device``.
+
+    CUDA: when the GPU supports bf16. CPU: when oneDNN has bf16 kernels (AVX-512 or AMX); on an AVX2-only CPU
+    torch emulates bf16, and a bf16-autocast forward+backward of SmolLM2-135M measured about 10x slower than fp32
+    (docs/bench_scale.md, "precision"), so ``--autocast bf16`` there costs time instead of saving it.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
+
+
+def warn_if_emulated(autocast: str, device: torch.device | str) -> None:
+    """One warning when ``autocast='bf16'`` would run emulated (see :func:`native_bf16`)."""
+    if autocast == "bf16" and not native_bf16(device):
+        warnings.warn(f"--autocast bf16 on this {torch.device(device).type.upper()} runs emulated (no native bf16): "
+                      "expect it several times slower than --autocast none", stacklevel=2)
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -52,7 +52,14 @@ from gisp.errors import GispError
 from gisp.provenance import remove_stale_temporaries, versions
 from gisp.run import distributed
 from gisp.run.config import PruneConfig, check_seq_len, resume_conflicts
-from gisp.run.gradients import accumulate_gradients, activation_checkpointing, evaluate_objective, restore_grad_dtype
+from gisp.run.gradients import (
+    accumulate_gradients,
+    activation_checkpointing,
+    evaluate_objective,
+    input_device,
+    restore_grad_dtype,
+    warn_if_emulated,
+)
 from gisp.run.shrink import ShrunkModel
 from gisp.run.trajectory import CALIB_HASH, FILENAME, StepRecord, Trajectory
 
@@ -210,6 +217,7 @@ def _prepare(model: nn.Module, config: PruneConfig, calib: CalibrationSet, model
     objective = get_objective(config.objective)
     params = get_architecture(model).prunable_parameters(model, layout)
     _check_placement(params)
+    warn_if_emulated(config.autocast, input_device(model))
     return _Run(
         model=model, config=config, calib=calib, layout=layout, arch=arch, objective=objective,
         params=params, schedule=targets(config.schedule, config.target, config.steps),
