@@ -57,6 +57,7 @@ from gisp.recovery.checkpoint import (
 from gisp.recovery.config import RecoverConfig, resume_conflicts
 from gisp.recovery.data import TrainingText
 from gisp.recovery.loss import Losses, chunked_loss
+from gisp.run.gradients import warn_if_emulated
 
 RECORD_KEY = "recovery"
 HISTORY_POINTS = 100
@@ -292,6 +293,7 @@ def recover(
     sessions.append({"from_step": first})
     inner = peft_model.get_base_model()
     inner.train()
+    warn_if_emulated(config.autocast, dev)
     session = _Session(config, inner, arch, teacher, text, optimizer, params, dev)
 
     def checkpoint(done: int) -> None:
