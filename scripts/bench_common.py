@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bench_scale.md"
 HEADER = """# Scale benchmarks: memory, step overhead, processes
 
-Measured by `scripts/bench_memory.py`, `scripts/bench_overhead.py`, `scripts/bench_shrink.py` and
-`scripts/bench_distributed.py` on the real SmolLM2-135M (`gisp.load_model("smollm2-135m")`).
+Measured by `scripts/bench_memory.py`, `scripts/bench_overhead.py`, `scripts/bench_shrink.py`,
+`scripts/bench_distributed.py` and `scripts/bench_precision.py` on the real SmolLM2-135M
+(`gisp.load_model("smollm2-135m")`).
 Each section below is rewritten by its script; nothing here is typed by hand.
 The machine had 2 CPU cores shared with other jobs, so timings are noisy: they are medians, and
 ratios are measured within one run. There is no GPU here: the CUDA path of the memory benchmark

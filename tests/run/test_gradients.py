@@ -119,7 +119,7 @@ def test_bf16_run_records_its_precision_and_leaves_no_state():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_autocast_warns_only_where_it_is_emulated(monkeypatch, recwarn, native):
-    """An AVX2-only CPU emulates bf16 (about 10x slower than fp32 on SmolLM2): say so instead of crawling."""
+    """An AVX2-only CPU emulates bf16 (about 25x slower than fp32 on SmolLM2): say so instead of crawling."""
     monkeypatch.setattr(grad_mod, "native_bf16", lambda device: native)
     gisp.prune(tiny_model(), gisp.PruneConfig(**{**CFG, "autocast": "bf16"}), random_calib(), progress=False)
     emulated = [w for w in recwarn if "runs emulated" in str(w.message)]

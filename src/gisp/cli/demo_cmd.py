@@ -18,8 +18,8 @@ from gisp.loading import DEFAULT_MODEL
 from gisp.provenance import atomic_write_json
 from gisp.run import PruneConfig
 
-# The demo's own defaults: sized so that the slowest 2-core CPU seen here (AVX2, no bf16: about 40 ms per token
-# of forward+backward, docs/bench_scale.md "precision") finishes in about a quarter of an hour. The budget curve
+# The demo's own defaults: sized so that the slowest 2-core CPU seen here (AVX2, no bf16: about 15 ms per token
+# of forward+backward in fp32, docs/bench_scale.md "precision") finishes in about ten minutes. The budget curve
 # (docs/exp_budget.md) says how to spend that: steps barely matter at a fixed calibration budget (5 steps over 4k
 # tokens did as well as 10-20), and 5 steps to 50% land exactly on the 10/20/30/40/50% levels the demo shows.
 # More calibration tokens is the lever with time to spare (10 steps over 16k tokens: wiki ppl 90 / 259 at 30% / 50%
@@ -29,7 +29,7 @@ _FIXED = {"target": 0.5, "calib": "c4", "shrink_every": 1}
 
 
 def demo_autocast() -> str:
-    """bf16 autocast where the hardware has bf16, else none: emulated bf16 made the demo 10x slower."""
+    """bf16 autocast where the hardware has bf16, else none: emulated bf16 is about 25x slower than fp32."""
     import torch
 
     from gisp.run.gradients import native_bf16

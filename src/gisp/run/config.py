@@ -52,7 +52,7 @@ class PruneConfig:
     """Trailing layers never pruned."""
     autocast: str = "none"
     """Mixed precision for the forward/backward (none, bf16, fp16); weights keep their dtype. bf16 pays only
-    where the hardware has it (CUDA, a CPU with AVX-512/AMX); elsewhere it is emulated, about 10x slower, and
+    where the hardware has it (CUDA, a CPU with AVX-512/AMX); elsewhere it is emulated, about 25x slower, and
     gisp warns."""
     seed: int = 0
     """Seed of the calibration sampling."""

@@ -40,7 +40,7 @@ def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls run in hardware on ``device``.
 
     CUDA: when the GPU supports bf16. CPU: when oneDNN has bf16 kernels (AVX-512 or AMX); on an AVX2-only CPU
-    torch emulates bf16, and a bf16-autocast forward+backward of SmolLM2-135M measured about 10x slower than fp32
+    torch emulates bf16, and a bf16-autocast forward+backward of SmolLM2-135M measured about 25x slower than fp32
     (docs/bench_scale.md, "precision"), so ``--autocast bf16`` there costs time instead of saving it.
     """
     kind = torch.device(device).type
