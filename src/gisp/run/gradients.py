@@ -58,7 +58,7 @@ def warn_if_emulated(autocast: str, device: torch.device | str) -> None:
     """One warning when ``autocast='bf16'`` would run emulated (see :func:`native_bf16`)."""
     if autocast == "bf16" and not native_bf16(device):
         warnings.warn(f"--autocast bf16 on this {torch.device(device).type.upper()} runs emulated (no native bf16): "
-                      "expect it several times slower than --autocast none", stacklevel=2)
+                      "expect it far slower than --autocast none (25x for SmolLM2 on an AVX2 CPU)", stacklevel=2)
 
 
 def input_device(model: nn.Module) -> torch.device:
