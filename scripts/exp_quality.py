@@ -81,6 +81,8 @@ def parse() -> argparse.Namespace:
                    help="also run GISP alone with this many steps (same calibration): rows gisp/N; 0: no")
     p.add_argument("--stages", default="compare,recover,steps,accuracy")
     p.add_argument("--max-hours", type=float, default=0.0, help="start no cell after this many hours; 0: none")
+    p.add_argument("--allow-emulated", action="store_true",
+                   help="compute cells under --autocast bf16 even where bf16 is emulated (about 25x slower)")
     p.add_argument("--only-summary", action="store_true", help="write the report of the cells done, run nothing")
     return p.parse_args()
 
@@ -494,8 +496,18 @@ def plot(args: argparse.Namespace, ppl: dict[str, dict[Any, float]], levels: lis
 # --------------------------------------------------------------------------------------------------- main
 
 
+def refuse_emulated(args: argparse.Namespace) -> None:
+    """Stop before hours of emulated bf16: the recorded cells used bf16 autocast, which is slow without hardware."""
+    from gisp.run.gradients import native_bf16
+
+    if args.autocast == "bf16" and not args.only_summary and not args.allow_emulated and not native_bf16("cpu"):
+        sys.exit("this CPU has no native bf16, so the bf16-autocast cells would take about 25x longer than fp32: "
+                 "run on a machine with AVX-512/AMX, or pass --allow-emulated (or --only-summary)")
+
+
 def main() -> None:
     args = parse()
+    refuse_emulated(args)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
