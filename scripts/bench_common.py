@@ -53,6 +53,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def refuse_emulated(args: Any) -> None:
+    """Stop an experiment before hours of emulated bf16 (its recorded cells used bf16 autocast): exit with one
+    line unless ``args.autocast`` is not bf16, the CPU has native bf16, or ``--allow-emulated``/``--only-summary``."""
+    from gisp.run.gradients import native_bf16
+
+    if args.autocast == "bf16" and not args.only_summary and not args.allow_emulated and not native_bf16("cpu"):
+        sys.exit("this CPU has no native bf16, so the bf16-autocast cells would take about 25x longer than fp32: "
+                 "run on a machine with AVX-512/AMX, or pass --allow-emulated (or --only-summary)")
+
+
 def command() -> str:
     rel = Path(sys.argv[0]).resolve()
     try:

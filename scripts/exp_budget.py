@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import machine  # noqa: E402
+from bench_common import machine, refuse_emulated  # noqa: E402
 
 from gisp.provenance import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 
@@ -198,28 +198,19 @@ def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {r["cell"]: r for r in json.loads(Path(args.record).read_text())["cells"]}
 
 
-def refuse_emulated(args: argparse.Namespace) -> None:
-    """Stop before hours of emulated bf16: the recorded cells used bf16 autocast, which is slow without hardware."""
-    from gisp.run.gradients import native_bf16
-
-    if args.autocast == "bf16" and not args.only_summary and not args.allow_emulated and not native_bf16("cpu"):
-        sys.exit("this CPU has no native bf16, so the bf16-autocast cells would take about 25x longer than fp32: "
-                 "run on a machine with AVX-512/AMX, or pass --allow-emulated (or --only-summary)")
-
-
 def main() -> None:
     args = parse()
     refuse_emulated(args)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    kept = recorded(args)
+    # every finished cell by name: the record's, replaced by those computed in --out
+    found = {**recorded(args), **{f.parent.name: json.loads(f.read_text()) for f in out.glob("cells/*/result.json")}}
     done = []
     for cell in cells(args):
         name = f"s{cell['steps']}_t{cell['tokens']}"
-        cached = out / "cells" / name / "result.json"
-        if cached.exists() or name in kept:
-            done.append(json.loads(cached.read_text()) if cached.exists() else kept[name])
+        if name in found:
+            done.append(found[name])
             continue
         if args.only_summary or (args.max_hours and time.time() - start > args.max_hours * 3600):
             continue
@@ -227,9 +218,7 @@ def main() -> None:
         summary(args, done, out)
     # cells of earlier grids stay in the table (same protocol, other points); only the curves' cells are plotted
     names = {r["cell"] for r in done}
-    done += [json.loads(f.read_text()) for f in sorted(out.glob("cells/*/result.json")) if f.parent.name not in names]
-    names = {r["cell"] for r in done}
-    done += [r for n, r in sorted(kept.items()) if n not in names]
+    done += [r for n, r in sorted(found.items()) if n not in names]
     summary(args, done, out)
 
 

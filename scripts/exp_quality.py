@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import machine  # noqa: E402
+from bench_common import machine, refuse_emulated  # noqa: E402
 
 from gisp.provenance import atomic_write_json, atomic_write_text, save_figure  # noqa: E402
 
@@ -494,15 +494,6 @@ def plot(args: argparse.Namespace, ppl: dict[str, dict[Any, float]], levels: lis
 
 
 # --------------------------------------------------------------------------------------------------- main
-
-
-def refuse_emulated(args: argparse.Namespace) -> None:
-    """Stop before hours of emulated bf16: the recorded cells used bf16 autocast, which is slow without hardware."""
-    from gisp.run.gradients import native_bf16
-
-    if args.autocast == "bf16" and not args.only_summary and not args.allow_emulated and not native_bf16("cpu"):
-        sys.exit("this CPU has no native bf16, so the bf16-autocast cells would take about 25x longer than fp32: "
-                 "run on a machine with AVX-512/AMX, or pass --allow-emulated (or --only-summary)")
 
 
 def main() -> None:

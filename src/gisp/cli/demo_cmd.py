@@ -14,7 +14,7 @@ from gisp.cli.app import app
 from gisp.cli.common import with_config
 from gisp.cli.eval_cmd import results_table
 from gisp.cli.prune_cmd import run_prune, steps_table
-from gisp.loading import DEFAULT_MODEL
+from gisp.loading import DEFAULT_MODEL, resolve_device
 from gisp.provenance import atomic_write_json
 from gisp.run import PruneConfig
 
@@ -30,11 +30,9 @@ _FIXED = {"target": 0.5, "calib": "c4", "shrink_every": 1}
 
 def demo_autocast() -> str:
     """bf16 autocast where the hardware has bf16, else none: emulated bf16 is about 25x slower than fp32."""
-    import torch
-
     from gisp.run.gradients import native_bf16
 
-    return "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "none"
+    return "bf16" if native_bf16(resolve_device("auto")) else "none"
 
 
 @app.command("demo")
